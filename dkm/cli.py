@@ -1,0 +1,195 @@
+"""The ``dkm`` command."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from dkm.data import catalog
+from dkm.data.download import ChecksumError
+from dkm.data.patches import extract_patches, write_patches
+from dkm.data.readers import DataFormatError
+from dkm.data.store import StoreError, is_complete, open_dataset
+from dkm.runtime import SchedulerUnreachable, connect
+
+log = logging.getLogger("dkm")
+
+# Failures a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    DataFormatError,
+    StoreError,
+    ChecksumError,
+    catalog.UnknownDatasetError,
+    SchedulerUnreachable,
+    ValueError,
+    TypeError,
+    OSError,
+)
+
+scheduler_option = click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    default=None,
+    help="tcp:// or tls:// address of a Dask scheduler; default: $DKM_SCHEDULER, dask config, "
+    "or a new LocalCluster sized to this machine.",
+)
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as err:
+            click.echo(f"dkm: error: {err}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.version_option(package_name="dkm")
+def main(log_level: str) -> None:
+    """dkm: distributed k-means jobs on Dask over chunked Zarr image datasets."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s dkm %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("dkm").setLevel(log_level.upper())
+
+
+@main.command()
+def datasets() -> None:
+    """List the named datasets."""
+    width = max(map(len, catalog.DATASETS))
+    for name, info in catalog.DATASETS.items():
+        click.echo(f"{name:<{width}}  {info.description}")
+        click.echo(f"{'':<{width}}  source: {info.source_help}")
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        y, x = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 28x28, got {text!r}") from None
+    return y, x
+
+
+@main.command()
+@click.argument("name")
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Output Zarr store.")
+@click.option("--source", default=None, help="Directory, file, URL, or 'download'.")
+@click.option("--overwrite", is_flag=True, help="Re-ingest over an existing complete store.")
+@click.option("--grayscale/--color", default=True, help="(images) channels to keep.")
+@click.option("--size", "resize", default=None, metavar="YxX", help="(images) resize, e.g. 28x28.")
+@click.option("--no-verify", is_flag=True, help="(downloads) accept files with no known checksum.")
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Dataset option, e.g. -o n_samples=1000000 -o centers=64 (synthetic).",
+)
+@scheduler_option
+@_user_errors
+def ingest(
+    name: str,
+    store: Path,
+    source: str | None,
+    overwrite: bool,
+    grayscale: bool,
+    resize: str | None,
+    no_verify: bool,
+    options: tuple[str, ...],
+    scheduler: str | None,
+) -> None:
+    """Ingest dataset NAME into a Zarr store (atomically; a complete store is reused)."""
+    opts = _parse_options(options)
+    if name == "images":
+        opts.update(grayscale=grayscale, size=_parse_size(resize))
+    if no_verify:
+        opts["verify"] = False
+    if is_complete(store) and not overwrite:
+        click.echo(f"{store}: already ingested (use --overwrite to redo)")
+    elif name == "synthetic":  # generated chunk by chunk on the workers
+        with connect(scheduler):
+            catalog.ingest(name, store, source=source, overwrite=overwrite, **opts)
+    else:
+        catalog.ingest(name, store, source=source, overwrite=overwrite, **opts)
+    ds = open_dataset(store)
+    main_var = "images" if "images" in ds else "features"
+    click.echo(f"{store}: {main_var} {dict(ds[main_var].sizes)} ({ds.attrs.get('dataset')})")
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--size", required=True, type=int, help="Patch side in pixels.")
+@click.option("--stride", type=int, default=None, help="Step between patches [default: size].")
+@click.option("--pad", type=int, default=0, show_default=True, help="Zero padding per side.")
+@click.option("--drop-empty", is_flag=True, help="Leave out all-zero patches.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output Zarr store.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
+@scheduler_option
+@_user_errors
+def patches(
+    data: Path,
+    size: int,
+    stride: int | None,
+    pad: int,
+    drop_empty: bool,
+    out: Path,
+    overwrite: bool,
+    scheduler: str | None,
+) -> None:
+    """Cut the images of DATA (a dataset store) into patches and write them to --out."""
+    ds = open_dataset(data)
+    if "images" not in ds:
+        raise StoreError(f"{data}: has no 'images' variable (is it a dataset store?)")
+    if is_complete(out) and not overwrite:
+        click.echo(f"{out}: already written (use --overwrite to redo)")
+    else:
+        with connect(scheduler):
+            result = extract_patches(ds["images"], size, stride, pad, drop_empty)
+            source = {"source_store": str(data.resolve()), "dataset": ds.attrs.get("dataset")}
+            write_patches(result, out, overwrite=overwrite, source_attrs=source)
+    written = open_dataset(out)["patches"]
+    click.echo(f"{out}: patches {dict(written.sizes)} float32")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@_user_errors
+def info(store: Path) -> None:
+    """Describe a dataset or patch store."""
+    click.echo(open_dataset(store))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,380 @@
+"""Cutting images into patch vectors and stitching patch vectors back into images.
+
+Layout (the studies' convention): each image is zero-padded by ``pad`` pixels on every side,
+then ``size x size`` windows are cut with their top-left corner on a ``stride`` grid, row by
+row. A patch is a float32 vector in [0, 1] (pixel / 255 for uint8 images) whose features run
+row-major over the window: y, then x, then channel for colour images. Each patch carries
+coordinates ``image`` (the sample it came from), ``row`` and ``col`` (its top-left pixel in the
+padded image). Everything is computed chunk-wise with dask, so a 40M x 25 patch matrix never
+has to exist in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from dkm.data.store import rows_per_chunk, write_atomic
+
+__all__ = ["PatchLayout", "extract_patches", "stitch_patches", "write_patches"]
+
+PATCH_CHUNK_BYTES = 64 * 2**20
+
+
+class PatchLayout:
+    """The patch grid over one padded image.
+
+    Parameters
+    ----------
+    image_shape : tuple of int
+        ``(y, x)`` or ``(y, x, channel)`` of one unpadded image.
+    size, stride, pad : int
+        Window side, step between windows, zero padding on every side.
+    """
+
+    def __init__(self, image_shape: tuple[int, ...], size: int, stride: int, pad: int):
+        if len(image_shape) not in (2, 3):
+            raise ValueError(f"images must be (y, x) or (y, x, channel), got {image_shape}")
+        for key, value, low in (("size", size, 1), ("stride", stride, 1), ("pad", pad, 0)):
+            if int(value) != value or value < low:
+                raise ValueError(f"patch {key} must be an integer >= {low}, got {value!r}")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.size, self.stride, self.pad = int(size), int(stride), int(pad)
+        self.padded = (self.image_shape[0] + 2 * pad, self.image_shape[1] + 2 * pad)
+        if min(self.padded) < size:
+            raise ValueError(f"patch size {size} is larger than the padded image {self.padded}")
+        self.n_rows = (self.padded[0] - size) // stride + 1
+        self.n_cols = (self.padded[1] - size) // stride + 1
+        self.channels = self.image_shape[2] if len(self.image_shape) == 3 else 0
+
+    @property
+    def per_image(self) -> int:
+        return self.n_rows * self.n_cols
+
+    @property
+    def n_features(self) -> int:
+        return self.size * self.size * max(1, self.channels)
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """Top-left ``row`` and ``col`` of every patch of one image, in patch order."""
+        rows = np.repeat(np.arange(self.n_rows, dtype=np.int32) * self.stride, self.n_cols)
+        cols = np.tile(np.arange(self.n_cols, dtype=np.int32) * self.stride, self.n_rows)
+        return rows, cols
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            "patch_size": self.size,
+            "stride": self.stride,
+            "pad": self.pad,
+            "image_shape": list(self.image_shape),
+            "padded_shape": list(self.padded),
+            "patches_per_image": self.per_image,
+            "feature_order": "y,x,channel" if self.channels else "y,x",
+        }
+
+
+def _windows(block: np.ndarray, layout: PatchLayout) -> np.ndarray:
+    """All windows of a block of images as an ``(n * per_image, n_features)`` view/copy."""
+    p, k, s = layout.pad, layout.size, layout.stride
+    widths = [(0, 0), (p, p), (p, p)] + [(0, 0)] * (block.ndim - 3)
+    padded = np.pad(block, widths) if p else block
+    win = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(1, 2))
+    win = win[:, : layout.n_rows * s : s, : layout.n_cols * s : s]
+    if layout.channels:  # (n, R, C, ch, k, k) -> (n, R, C, k, k, ch): features y, x, channel
+        win = np.moveaxis(win, 3, -1)
+    return win.reshape(-1, layout.n_features)
+
+
+def _scale(values: np.ndarray) -> np.ndarray:
+    out = values.astype(np.float32)
+    if values.dtype == np.uint8:
+        out /= np.float32(255)
+    return out
+
+
+def _patch_block(block: np.ndarray, layout: PatchLayout, drop_empty: bool) -> np.ndarray:
+    win = _windows(block, layout)
+    if drop_empty:
+        win = win[win.any(axis=1)]
+    return _scale(win)
+
+
+def _coord_block(
+    block: np.ndarray, ids: np.ndarray, layout: PatchLayout, drop_empty: bool
+) -> np.ndarray:
+    rows, cols = layout.grid()
+    n = block.shape[0]
+    out = np.empty((n * layout.per_image, 3), dtype=np.int64)
+    out[:, 0] = np.repeat(ids.astype(np.int64), layout.per_image)
+    out[:, 1] = np.tile(rows, n)
+    out[:, 2] = np.tile(cols, n)
+    if drop_empty:
+        out = out[_windows(block, layout).any(axis=1)]
+    return out
+
+
+def _count_block(block: np.ndarray, layout: PatchLayout) -> np.ndarray:
+    return np.array([np.count_nonzero(_windows(block, layout).any(axis=1))], dtype=np.int64)
+
+
+def _as_image_array(images: Any) -> tuple[da.Array, da.Array]:
+    """The images as a dask array plus the sample index of each image."""
+    if isinstance(images, xr.DataArray):
+        if images.dims[0] != "sample":
+            raise ValueError(f"images must have 'sample' as first dimension, got {images.dims}")
+        data = images.data
+        sample = images.coords.get("sample")
+        ids = np.asarray(sample.values) if sample is not None else None
+    else:
+        data, ids = images, None
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=(max(1, len(data)), *data.shape[1:]))
+    if data.ndim not in (3, 4):
+        raise ValueError(f"images must be (sample, y, x[, channel]), got {data.ndim}-D")
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise TypeError(f"images must be numeric, got {data.dtype}")
+    if ids is None:
+        ids_arr = da.arange(data.shape[0], chunks=data.chunks[0], dtype=np.int64)
+    else:
+        ids_arr = da.from_array(ids.astype(np.int64), chunks=(data.chunks[0],))
+    return data, ids_arr
+
+
+def extract_patches(
+    images: xr.DataArray | da.Array | np.ndarray,
+    size: int,
+    stride: int | None = None,
+    pad: int = 0,
+    drop_empty: bool = False,
+    *,
+    chunk_bytes: int = PATCH_CHUNK_BYTES,
+) -> xr.DataArray:
+    """Cut every image into ``size x size`` patch vectors, lazily and chunk-wise.
+
+    Parameters
+    ----------
+    images : DataArray, dask array or ndarray
+        ``(sample, y, x)`` or ``(sample, y, x, channel)``. uint8 pixels are divided by 255;
+        other dtypes are taken as already scaled and only cast to float32.
+    size : int
+        Side of the square window.
+    stride : int, optional
+        Step between window corners; defaults to ``size`` (non-overlapping).
+    pad : int, default 0
+        Zeros added on every side before cutting.
+    drop_empty : bool, default False
+        Leave out patches whose pixels are all zero. This needs one cheap counting pass over
+        the images when called, so that the result has known chunk sizes.
+    chunk_bytes : int, default 64 MiB
+        Aim for output chunks of about this size.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``patches(patch, feature)`` float32, dask-backed, with coordinates ``image``, ``row``,
+        ``col`` along ``patch`` and the layout in ``attrs``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = extract_patches(np.zeros((2, 28, 28), np.uint8), size=5, stride=5, pad=1)
+    >>> p.shape
+    (72, 25)
+    """
+    data, ids = _as_image_array(images)
+    stride = size if stride is None else stride
+    layout = PatchLayout(data.shape[1:], size, stride, pad)
+    if layout.per_image == 0:
+        raise ValueError(f"no {size}x{size} patch fits the image {layout.image_shape}")
+
+    images_per_block = rows_per_chunk(
+        layout.per_image * layout.n_features * 4, data.shape[0], chunk_bytes
+    )
+    if data.chunks[0] != _regular(data.shape[0], images_per_block):
+        data = data.rechunk({0: images_per_block, **{i: -1 for i in range(1, data.ndim)}})
+        ids = ids.rechunk({0: images_per_block})
+
+    if drop_empty:
+        counts = da.map_blocks(
+            _count_block,
+            data,
+            layout,
+            chunks=((1,) * data.numblocks[0],),
+            drop_axis=list(range(1, data.ndim)),
+            dtype=np.int64,
+            token="dkm-count-patches",
+        ).compute()
+        patch_chunks = tuple(int(c) for c in counts)
+    else:
+        patch_chunks = tuple(n * layout.per_image for n in data.chunks[0])
+
+    drop_axes = list(range(2, data.ndim))
+    values = da.map_blocks(
+        _patch_block,
+        data,
+        layout,
+        drop_empty,
+        chunks=(patch_chunks, (layout.n_features,)),
+        drop_axis=drop_axes,
+        dtype=np.float32,
+        token="dkm-extract-patches",
+    )
+    coords = da.map_blocks(
+        _coord_block,
+        data,
+        ids[:, None, None] if data.ndim == 3 else ids[:, None, None, None],
+        layout,
+        drop_empty,
+        chunks=(patch_chunks, (3,)),
+        drop_axis=drop_axes,
+        dtype=np.int64,
+        token="dkm-patch-coords",
+    )
+    attrs = {
+        **layout.attrs(),
+        "drop_empty": int(drop_empty),
+        "n_images": int(data.shape[0]),
+        "scale": "pixel / 255" if data.dtype == np.uint8 else "as given",
+    }
+    return xr.DataArray(
+        values,
+        dims=("patch", "feature"),
+        coords={
+            "image": ("patch", coords[:, 0]),
+            "row": ("patch", coords[:, 1].astype(np.int32)),
+            "col": ("patch", coords[:, 2].astype(np.int32)),
+        },
+        name="patches",
+        attrs=attrs,
+    )
+
+
+def _regular(n: int, step: int) -> tuple[int, ...]:
+    full, rest = divmod(n, step)
+    return (step,) * full + ((rest,) if rest else ())
+
+
+def write_patches(
+    patches: xr.DataArray,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    source_attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write a patch matrix to a Zarr store (atomically), computed chunk by chunk.
+
+    Irregular chunks (from ``drop_empty``) are first rechunked to a regular grid, because a
+    Zarr array's chunks are regular and each must map to exactly one dask chunk.
+    """
+    rows = max(patches.chunks[0]) if patches.chunks else patches.shape[0]
+    ds = patches.to_dataset()
+    if patches.chunks and set(patches.chunks[0][:-1]) != {rows}:
+        ds = ds.chunk({"patch": rows})
+    ds.attrs.update({**(source_attrs or {}), **patches.attrs})
+    encoding = {name: {"chunks": (rows, *ds[name].shape[1:])} for name in ds.variables}
+    return write_atomic(ds, path, encoding=encoding, overwrite=overwrite)
+
+
+def _stitch_block(
+    values: np.ndarray,
+    coords: np.ndarray,
+    first_image: int,
+    n_images: int,
+    layout: PatchLayout,
+) -> np.ndarray:
+    k, (hp, wp), ch = layout.size, layout.padded, layout.channels
+    shape = (n_images, hp, wp) + ((ch,) if ch else ())
+    total = np.zeros(shape, dtype=np.float64)
+    patches = values.reshape((-1, k, k) + ((ch,) if ch else ()))
+    image, row, col = coords[:, 0] - first_image, coords[:, 1], coords[:, 2]
+    # Within one grid position each image appears at most once, so fancy-index += is safe.
+    for r, c in {(int(a), int(b)) for a, b in zip(row, col, strict=True)}:
+        at = (row == r) & (col == c)
+        total[image[at], r : r + k, c : c + k] += patches[at]
+    # Divide by how many grid windows cover each pixel, dropped (all-zero) ones included.
+    cover = np.zeros((hp, wp), dtype=np.float64)
+    for r, c in zip(*layout.grid(), strict=True):
+        cover[r : r + k, c : c + k] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / (cover[:, :, None] if ch else cover)
+    p = layout.pad
+    mean = mean[:, p : hp - p, p : wp - p]
+    return mean.astype(np.float32)
+
+
+def stitch_patches(
+    patches: xr.DataArray,
+    *,
+    images_per_block: int = 1024,
+) -> xr.DataArray:
+    """Reassemble images from patches made by :func:`extract_patches` (its inverse).
+
+    Overlapping patches are averaged. Patches left out by ``drop_empty`` count as zeros.
+    Pixels no window covers (possible when ``stride > size`` or the grid stops short of the
+    edge) are NaN.
+
+    Parameters
+    ----------
+    patches : xarray.DataArray
+        ``(patch, feature)`` with coordinates ``image``, ``row``, ``col`` and the layout
+        attrs that :func:`extract_patches` writes; patches may be reconstructions (e.g. the
+        nearest centroid of each patch) as long as those coordinates are kept.
+    images_per_block : int, default 1024
+        Output chunk size along ``image``.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``images(image, y, x[, channel])`` float32 in the patches' scale; dask-backed when the
+        input is. Only the ``image`` coordinate is computed eagerly (it sets the chunking).
+    """
+    missing = [
+        k
+        for k in ("patch_size", "stride", "pad", "image_shape", "n_images")
+        if k not in patches.attrs
+    ]
+    if missing:
+        raise ValueError(
+            f"patches lack the layout attrs {missing}; were they made by extract_patches?"
+        )
+    a = patches.attrs
+    layout = PatchLayout(tuple(a["image_shape"]), a["patch_size"], a["stride"], a["pad"])
+    n_images = int(a["n_images"])
+    image = np.asarray(patches["image"].values, dtype=np.int64)
+    if image.size and (np.any(np.diff(image) < 0) or image[0] < 0 or image[-1] >= n_images):
+        raise ValueError("patch 'image' coordinates must be sorted and within n_images")
+    coords = np.stack([image, patches["row"].values, patches["col"].values], axis=1)
+    dims = ("image", "y", "x", "channel")[: 1 + len(layout.image_shape)]
+
+    if not isinstance(patches.data, da.Array):
+        out = _stitch_block(np.asarray(patches.values), coords, 0, n_images, layout)
+        return xr.DataArray(out, dims=dims, name="images", attrs={"n_images": n_images})
+
+    starts = np.arange(0, n_images, images_per_block)
+    bounds = np.searchsorted(image, np.append(starts, n_images))
+    chunks = tuple(int(b) for b in np.diff(bounds))
+    values = patches.data.rechunk({0: chunks, 1: -1}, method="tasks")
+    coord_arr = da.from_array(coords, chunks=(chunks, 3))
+    sizes = _regular(n_images, images_per_block)
+    blocks = [
+        da.map_blocks(
+            _stitch_block,
+            values.blocks[i],
+            coord_arr.blocks[i],
+            int(starts[i]),
+            sizes[i],
+            layout,
+            chunks=(sizes[i], *layout.image_shape),
+            new_axis=list(range(2, 1 + len(layout.image_shape))),
+            dtype=np.float32,
+            token="dkm-stitch",
+        )
+        for i in range(len(sizes))
+    ]
+    out = da.concatenate(blocks, axis=0)
+    return xr.DataArray(out, dims=dims, name="images", attrs={"n_images": n_images})

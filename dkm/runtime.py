@@ -1,0 +1,123 @@
+"""Getting a Dask client: a machine-sized LocalCluster by default, or a remote scheduler.
+
+The address comes from, in order: the caller (``--scheduler``), the ``DKM_SCHEDULER``
+environment variable, then dask's own ``scheduler-address`` config (``DASK_SCHEDULER_ADDRESS``).
+``tls://`` addresses use dask's security config (``distributed.comm.tls.*``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dask
+from distributed import Client, LocalCluster
+
+__all__ = ["SchedulerUnreachable", "connect", "default_cluster_shape", "resolve_address"]
+
+log = logging.getLogger("dkm")
+
+
+class SchedulerUnreachable(ConnectionError):
+    """No Dask scheduler answered at the given address in time."""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_cluster_shape(cores: int | None = None) -> tuple[int, int]:
+    """``(n_workers, threads_per_worker)`` with ``workers * threads == cores``.
+
+    Up to four cores get one single-threaded process each (real parallelism for the Python
+    parts of a task, a memory limit per process); beyond that, processes of about
+    ``sqrt(cores)`` threads keep the process count moderate.
+    """
+    cores = cores or _cores()
+    if cores <= 4:
+        return cores, 1
+    threads = max(1, int(math.sqrt(cores)))
+    while cores % threads:
+        threads -= 1
+    return cores // threads, threads
+
+
+def resolve_address(address: str | None = None) -> str | None:
+    """The scheduler address to use, or None for a new LocalCluster."""
+    return address or os.environ.get("DKM_SCHEDULER") or dask.config.get("scheduler-address", None)
+
+
+@contextmanager
+def connect(
+    address: str | None = None,
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int | None = "auto",
+    dashboard_address: str | None = ":8787",
+    timeout: float = 10.0,
+) -> Iterator[Client]:
+    """A client for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    address : str, optional
+        ``tcp://host:port`` or ``tls://host:port``; see :func:`resolve_address`.
+    n_workers, threads_per_worker : int, optional
+        Shape of the LocalCluster started when there is no address
+        (default :func:`default_cluster_shape`).
+    memory_limit : str or int, default "auto"
+        Per-worker memory limit of the LocalCluster.
+    dashboard_address : str, optional
+        Where the LocalCluster serves its dashboard (another port is taken if busy).
+    timeout : float, default 10
+        Seconds to wait for a remote scheduler before giving up.
+
+    Raises
+    ------
+    SchedulerUnreachable
+        A remote address did not answer within ``timeout``.
+    """
+    address = resolve_address(address)
+    if address:
+        try:
+            client = Client(address, timeout=timeout)
+        except OSError as err:
+            raise SchedulerUnreachable(
+                f"no Dask scheduler answered at {address} within {timeout:g} s ({err})"
+            ) from err
+        with client:
+            log.info("connected to %s; dashboard: %s", address, client.dashboard_link)
+            yield client
+        return
+
+    workers, threads = default_cluster_shape()
+    if n_workers is not None or threads_per_worker is not None:
+        cores = workers * threads
+        workers = n_workers or max(1, cores // (threads_per_worker or 1))
+        threads = threads_per_worker or max(1, cores // workers)
+    # Nanny workers pin OMP/MKL/OPENBLAS threads to 1, so one BLAS thread runs per task.
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address=dashboard_address,
+            silence_logs=logging.WARNING,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        log.info(
+            "started a LocalCluster with %d worker(s) x %d thread(s); dashboard: %s",
+            workers,
+            threads,
+            client.dashboard_link,
+        )
+        yield client
