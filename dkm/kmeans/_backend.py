@@ -1,0 +1,159 @@
+"""Where the per-block kernels run: a dask.distributed cluster, or local threads.
+
+The k-means drivers keep the data as a list of block handles that live where the work runs
+(futures of persisted blocks on a cluster; arrays in this process otherwise) and submit one
+small, fixed-shape set of tasks per iteration against them: ``map`` over blocks, a tree
+reduction, one ``gather`` of a k x d result. Going through futures instead of rebuilding a
+dask-array graph each iteration keeps per-iteration overhead to a few milliseconds and makes
+the number of tasks per iteration constant by construction.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future as LocalFuture
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import dask
+import numpy as np
+
+# Above this size a centroid array is scattered once per iteration instead of being pickled
+# into every task (the same 1 MB threshold dask uses to stop inlining numpy arguments).
+SCATTER_BYTES = 1_000_000
+SPLIT_EVERY = 8
+
+
+def get_backend(client=None) -> Backend:
+    """The distributed client if one is given or is the default scheduler, else local threads.
+
+    An explicit ``dask.config.set(scheduler="threads"|"sync")`` wins over a default client,
+    which is how the benchmark runs the "threaded" rows.
+    """
+    if client is not None:
+        return DistributedBackend(client)
+    sched = dask.config.get("scheduler", None)
+    if sched in ("threads", "threading", "sync", "synchronous", "single-threaded"):
+        n = 1 if sched in ("sync", "synchronous", "single-threaded") else None
+        return LocalBackend(n)
+    try:
+        from distributed import default_client
+
+        return DistributedBackend(default_client())
+    except (ImportError, ValueError):
+        return LocalBackend(dask.config.get("num_workers", None))
+
+
+class Backend:
+    """Minimal futures interface the drivers use."""
+
+    nthreads: int
+    is_distributed: bool
+
+    def new_token(self) -> str:
+        return uuid.uuid4().hex[:10]
+
+    def map(self, fn: Callable, *iterables: Sequence, name: str) -> list:
+        raise NotImplementedError
+
+    def submit(self, fn: Callable, *args, name: str):
+        raise NotImplementedError
+
+    def gather(self, futures):
+        raise NotImplementedError
+
+    def share(self, obj: Any):
+        """Make a (possibly large) read-only object available to tasks."""
+        return obj
+
+    def persist_blocks(self, blocks: list) -> list:
+        raise NotImplementedError
+
+    def tree_reduce(self, futures: list, combine: Callable, name: str):
+        """Combine futures pairwise-ish in groups of ``SPLIT_EVERY`` (a tree, not a chain)."""
+        level = 0
+        while len(futures) > 1:
+            groups = [futures[i : i + SPLIT_EVERY] for i in range(0, len(futures), SPLIT_EVERY)]
+            futures = [
+                self.submit(combine, *g, name=f"{name}-l{level}-{j}") for j, g in enumerate(groups)
+            ]
+            level += 1
+        return futures[0]
+
+
+class DistributedBackend(Backend):
+    is_distributed = True
+
+    def __init__(self, client):
+        self.client = client
+        info = (
+            client.scheduler_info(n_workers=-1)
+            if _accepts_n_workers(client)
+            else (client.scheduler_info())
+        )
+        self.nthreads = max(1, sum(w["nthreads"] for w in info["workers"].values()))
+        self.memory = sum(w.get("memory_limit", 0) or 0 for w in info["workers"].values())
+
+    def map(self, fn, *iterables, name):
+        n = len(iterables[0])
+        keys = [f"{name}-{i}" for i in range(n)]
+        return self.client.map(fn, *iterables, key=keys, pure=False)
+
+    def submit(self, fn, *args, name):
+        return self.client.submit(fn, *args, key=name, pure=False)
+
+    def gather(self, futures):
+        return self.client.gather(futures)
+
+    def share(self, obj):
+        if isinstance(obj, np.ndarray) and obj.nbytes > SCATTER_BYTES:
+            return self.client.scatter(obj, broadcast=True, hash=False)
+        return obj
+
+    def persist_blocks(self, blocks):
+        return blocks
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+class LocalBackend(Backend):
+    """Kernels on a thread pool in this process (numpy and BLAS release the GIL)."""
+
+    is_distributed = False
+    _pools: dict[int, ThreadPoolExecutor] = {}  # noqa: RUF012 - shared, lazily created
+
+    def __init__(self, nthreads: int | None = None):
+        self.nthreads = int(nthreads or os.cpu_count() or 1)
+        if self.nthreads not in self._pools:
+            self._pools[self.nthreads] = ThreadPoolExecutor(self.nthreads, thread_name_prefix="dkm")
+        self.pool = self._pools[self.nthreads]
+        self.memory = 0
+
+    @staticmethod
+    def _call(fn, args):
+        # Inputs are submitted before the tasks that consume them and the pool is FIFO, so
+        # waiting here cannot deadlock.
+        return fn(*[a.result() if isinstance(a, LocalFuture) else a for a in args])
+
+    def map(self, fn, *iterables, name):
+        return [self.pool.submit(self._call, fn, args) for args in zip(*iterables, strict=True)]
+
+    def submit(self, fn, *args, name):
+        return self.pool.submit(self._call, fn, args)
+
+    def gather(self, futures):
+        if isinstance(futures, LocalFuture):
+            return futures.result()
+        return [f.result() for f in futures]
+
+    def persist_blocks(self, blocks):
+        return blocks

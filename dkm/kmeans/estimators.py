@@ -1,0 +1,342 @@
+"""scikit-learn style estimators: :class:`KMeans` (and the shared input/predict machinery)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
+from sklearn.utils import check_random_state
+
+from dkm.kmeans import _blocks
+from dkm.kmeans._backend import get_backend
+from dkm.kmeans._data import Blocks, Source, as_source, compute_stats, load_blocks
+from dkm.kmeans.init import (
+    INIT_METHODS,
+    check_init_array,
+    kmeans_parallel_init,
+    kmeans_plusplus_init,
+    random_init,
+    sample_init,
+)
+from dkm.kmeans.lloyd import EMPTY_POLICIES, lloyd
+
+
+def _labels_array(blocks: Blocks, label_handles: list) -> da.Array:
+    """A dask array over the final per-block labels (no recomputation, no data re-read)."""
+    if blocks.backend.is_distributed:
+        parts = [
+            da.from_delayed(f, shape=(int(s),), dtype=np.int32)
+            for f, s in zip(label_handles, blocks.sizes, strict=True)
+        ]
+        return da.concatenate(parts) if len(parts) > 1 else parts[0]
+    labels = np.concatenate(blocks.backend.gather(label_handles))
+    return da.from_array(labels, chunks=(tuple(int(s) for s in blocks.sizes),))
+
+
+class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
+    """Validation, prediction and transformation shared by the k-means estimators."""
+
+    def _source(self, X: Any) -> Source:
+        return as_source(X, dtype=self.dtype, variable=getattr(self, "variable", None))
+
+    def _check_params(self, n_samples: int, n_features: int) -> None:
+        k = self.n_clusters
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"n_clusters must be a positive integer, got {k!r}")
+        if k > n_samples:
+            raise ValueError(f"n_clusters={k} must be <= n_samples={n_samples}")
+        init = self.init
+        if isinstance(init, str):
+            if init not in INIT_METHODS:
+                raise ValueError(f"init must be one of {INIT_METHODS} or an array, got {init!r}")
+        else:
+            check_init_array(init, k, n_features)
+
+    def _check_fitted_input(self, src: Source) -> None:
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "cluster_centers_")
+        if src.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {src.shape[1]} features, but {type(self).__name__} was fitted with "
+                f"{self.n_features_in_}"
+            )
+
+    def _initial_centers(self, blocks: Blocks, seed: int, name: str) -> tuple[np.ndarray, dict]:
+        k = self.n_clusters
+        t0 = time.perf_counter()
+        info: dict = {}
+        init = self.init
+        if not isinstance(init, str):
+            centers = check_init_array(init, k, blocks.d)
+            info = {"passes": 0}
+        elif init == "k-means||":
+            centers, info = kmeans_parallel_init(
+                blocks,
+                k,
+                seed,
+                oversampling_factor=self.oversampling_factor,
+                max_iter=self.init_max_iter,
+                name=f"{name}-kmpar",
+            )
+        elif init == "k-means++":
+            centers = kmeans_plusplus_init(
+                blocks, k, seed, init_size=getattr(self, "init_size", None), name=f"{name}-kpp"
+            )
+        elif init == "sample":
+            centers = sample_init(blocks, k, seed, name=f"{name}-sample")
+        else:
+            centers = random_init(blocks, k, seed)
+        info["seconds"] = time.perf_counter() - t0
+        return centers, info
+
+    def predict(self, X: Any):
+        """Index of the nearest centroid for each sample.
+
+        Streams over the chunks of ``X``: for a dask / xarray / Zarr input the result is a
+        lazy dask array; for numpy input a numpy array.
+        """
+        src = self._source(X)
+        self._check_fitted_input(src)
+        out = src.as_dask().map_blocks(
+            _blocks.predict_chunk,
+            self.cluster_centers_,
+            self.dtype,
+            drop_axis=1,
+            dtype=np.int32,
+        )
+        return out.compute() if isinstance(src.array, np.ndarray) else out
+
+    def transform(self, X: Any):
+        """Euclidean distance of each sample to every centroid, ``(n_samples, n_clusters)``."""
+        src = self._source(X)
+        self._check_fitted_input(src)
+        k = self.cluster_centers_.shape[0]
+        dsk = src.as_dask()
+        out = dsk.map_blocks(
+            _blocks.transform_chunk,
+            self.cluster_centers_,
+            self.dtype,
+            chunks=(dsk.chunks[0], (k,)),
+            dtype=self.dtype,
+        )
+        return out.compute() if isinstance(src.array, np.ndarray) else out
+
+    def score(self, X: Any, y=None) -> float:
+        """Opposite of the sum of squared distances to the nearest centroid (computed)."""
+        src = self._source(X)
+        self._check_fitted_input(src)
+        parts = src.as_dask().map_blocks(
+            _blocks.score_chunk,
+            self.cluster_centers_,
+            self.dtype,
+            chunks=((1,) * src.as_dask().numblocks[0],),
+            drop_axis=1,
+            dtype=np.float64,
+        )
+        return -float(parts.sum().compute())
+
+    def fit_predict(self, X: Any, y=None, sample_weight=None):
+        """Fit and return the labels (numpy for numpy input, else the lazy ``labels_``)."""
+        self.fit(X)
+        if isinstance(X, np.ndarray):
+            return self.labels_.compute()
+        return self.labels_
+
+
+class KMeans(_KMeansBase):
+    """K-means clustering with Lloyd's algorithm on dask / dask.distributed.
+
+    Parameters
+    ----------
+    n_clusters : int, default 8
+        Number of clusters.
+    init : {"k-means||", "k-means++", "random", "sample"} or array of shape (k, d)
+        "k-means||": Bahmani et al. scalable k-means++ (``init_max_iter`` rounds of
+        ``oversampling_factor * k`` samples, weighted reclustering), chunking independent.
+        "k-means++": scikit-learn's greedy k-means++ on ``init_size`` rows gathered to this
+        process. "random": uniform in the data's bounding box. "sample": random data rows.
+    n_init : int or "auto", default 1
+        Number of initialisations; the run with the lowest inertia is kept. "auto" is 1 for
+        "k-means||", "k-means++" and arrays, 10 otherwise (as scikit-learn).
+    max_iter : int, default 300
+        Maximum number of Lloyd iterations.
+    tol : float, default 1e-4
+        Relative tolerance: the run stops when the sum of squared centroid shifts is at most
+        ``tol * mean(feature variance)`` (scikit-learn semantics), or when no label changed.
+    random_state : int, RandomState or None
+        Seed. Same seed, same data and same chunking give the same result; k-means|| is also
+        independent of the chunking.
+    empty_cluster : {"farthest", "random-point", "zero", "keep"}, default "farthest"
+        Policy for a cluster that loses all its points: move the farthest points to it (like
+        scikit-learn; costs one extra pass in the iterations where it fires), a random data
+        row, the zero vector, or keep the old centroid. Counts go to ``history_``.
+    oversampling_factor : float, default 2
+        k-means|| candidates per round in units of ``n_clusters``.
+    init_max_iter : int, optional
+        k-means|| rounds (default 5).
+    init_size : int, optional
+        Rows gathered for "k-means++" (default: all).
+    dtype : float32 or float64, default float32
+        Working precision. Integer and boolean inputs are cast to it as values (no scaling).
+    persist : "auto", bool, default "auto"
+        Persist the data on the cluster once ("auto": when it fits in half of the cluster
+        memory); ``False`` streams a Zarr input from the store every iteration.
+    variable : str, optional
+        Variable to use when X is a Zarr store with several 2-D float variables.
+    verbose : bool, default False
+        Log one line per iteration on the "dkm" logger.
+
+    Attributes
+    ----------
+    cluster_centers_ : ndarray of shape (n_clusters, n_features)
+    labels_ : dask array of shape (n_samples,)
+        Labels for the final centroids; blocks stay on the cluster until computed.
+    inertia_ : float
+        Sum of squared distances to the closest centroid (float64 accumulation).
+    n_iter_ : int
+    history_ : xarray.Dataset
+        Over ``iteration``: inertia (of the assignment made in that iteration), center_shift
+        (sum of squared shifts), n_moved, n_empty, n_reseeded, seconds, n_tasks (tasks
+        submitted), extra_passes; attrs: init, empty_cluster, converged, tol_abs, n_blocks.
+    init_info_ : dict
+        Details of the initialisation (seconds, passes; rounds and candidates for k-means||).
+    n_features_in_ : int
+
+    Notes
+    -----
+    Each iteration is one pass over the data: per block a tiled GEMM of ``[x, 1]`` against
+    ``[-2 C, ||c||^2]`` gives the argmin, and float64 partial sums and counts are reduced in a
+    tree; only a ``k x d`` array travels back per iteration.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        init: str | np.ndarray = "k-means||",
+        n_init: int | str = 1,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        random_state=None,
+        empty_cluster: str = "farthest",
+        oversampling_factor: float = 2.0,
+        init_max_iter: int | None = None,
+        init_size: int | None = None,
+        dtype=np.float32,
+        persist: str | bool = "auto",
+        variable: str | None = None,
+        verbose: bool = False,
+    ):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.empty_cluster = empty_cluster
+        self.oversampling_factor = oversampling_factor
+        self.init_max_iter = init_max_iter
+        self.init_size = init_size
+        self.dtype = dtype
+        self.persist = persist
+        self.variable = variable
+        self.verbose = verbose
+
+    def _n_init(self) -> int:
+        if self.n_init == "auto":
+            if isinstance(self.init, str) and self.init in ("random", "sample"):
+                return 10
+            return 1
+        if not isinstance(self.init, str) and self.n_init != 1:
+            return 1  # an explicit array gives one deterministic start (scikit-learn warns)
+        n = int(self.n_init)
+        if n < 1:
+            raise ValueError(f"n_init must be >= 1, got {self.n_init}")
+        return n
+
+    def fit(self, X: Any, y=None, sample_weight=None) -> KMeans:
+        """Compute k-means clustering.
+
+        Parameters
+        ----------
+        X : array-like, dask array, xarray.DataArray, or str/Path of a Zarr store
+            Feature matrix ``(sample, feature)``.
+        y : ignored
+        sample_weight : None
+            Not supported (raises if given).
+
+        Returns
+        -------
+        self
+        """
+        import xarray as xr
+
+        if sample_weight is not None:
+            raise NotImplementedError("sample_weight is not supported by dkm.KMeans")
+        if self.empty_cluster not in EMPTY_POLICIES:
+            raise ValueError(
+                f"empty_cluster must be one of {EMPTY_POLICIES}, got {self.empty_cluster!r}"
+            )
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        src = self._source(X)
+        n, d = src.shape
+        self._check_params(n, d)
+        n_init = self._n_init()
+        rs = check_random_state(self.random_state)
+        backend = get_backend()
+        t_load = time.perf_counter()
+        blocks = load_blocks(src, backend, self.persist)
+        name = f"dkm-kmeans-{backend.new_token()}"
+        best = None
+        for run in range(n_init):
+            seed = int(rs.randint(np.iinfo(np.int32).max))
+            if run == 0 or self.init == "k-means||":
+                # The statistics pass validates the data, gives the variance for tol and the
+                # k-means|| first centre (seeded, so it is redone for each k-means|| start).
+                stats = compute_stats(blocks, seed, name=f"{name}-r{run}")
+            if run == 0:
+                load_seconds = time.perf_counter() - t_load
+            centers0, info = self._initial_centers(blocks, seed, f"{name}-r{run}")
+            tol_abs = float(self.tol) * float(np.mean(stats["var"]))
+            res = lloyd(
+                blocks,
+                centers0,
+                max_iter=self.max_iter,
+                tol=tol_abs,
+                empty_cluster=self.empty_cluster,
+                seed=seed,
+                name=f"{name}-r{run}",
+                verbose=self.verbose,
+            )
+            if best is None or res.inertia < best[0].inertia:
+                best = (res, info, tol_abs)
+        res, info, tol_abs = best
+        self.cluster_centers_ = res.centers
+        self.inertia_ = res.inertia
+        self.n_iter_ = res.n_iter
+        self.n_features_in_ = d
+        self.init_info_ = info
+        self.labels_ = _labels_array(blocks, res.labels)
+        hist = res.history
+        self.history_ = xr.Dataset(
+            {key: ("iteration", np.asarray(v)) for key, v in hist.items()},
+            coords={"iteration": np.arange(1, len(hist["inertia"]) + 1)},
+            attrs={
+                "algorithm": "lloyd",
+                "init": self.init if isinstance(self.init, str) else "array",
+                "empty_cluster": self.empty_cluster,
+                "converged": res.converged,
+                "tol_abs": tol_abs,
+                "n_blocks": blocks.nblocks,
+                "streamed": int(blocks.streamed),
+                "backend": "distributed" if backend.is_distributed else "threads",
+                "init_seconds": float(info.get("seconds", 0.0)),
+                "load_seconds": float(load_seconds),
+            },
+        )
+        return self
