@@ -145,7 +145,9 @@ def ingest(
         catalog.ingest(name, store, source=source, overwrite=overwrite, **opts)
     ds = open_dataset(store)
     main_var = "images" if "images" in ds else "features"
-    click.echo(f"{store}: {main_var} {dict(ds[main_var].sizes)} ({ds.attrs.get('dataset')})")
+    click.echo(
+        f"{store.resolve()}: {main_var} {dict(ds[main_var].sizes)} ({ds.attrs.get('dataset')})"
+    )
 
 
 @main.command()
@@ -180,7 +182,7 @@ def patches(
             source = {"source_store": str(data.resolve()), "dataset": ds.attrs.get("dataset")}
             write_patches(result, out, overwrite=overwrite, source_attrs=source)
     written = open_dataset(out)["patches"]
-    click.echo(f"{out}: patches {dict(written.sizes)} float32")
+    click.echo(f"{out.resolve()}: patches {dict(written.sizes)} float32")
 
 
 @main.command()
