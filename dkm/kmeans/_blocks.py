@@ -5,10 +5,11 @@ thread pool) and returns small results: per-cluster sums and counts, a few candi
 labels vector. The drivers in :mod:`dkm.kmeans.lloyd`, :mod:`dkm.kmeans.init` and
 :mod:`dkm.kmeans.minibatch` only ever ship centroids in and these small results out.
 
-Blocks are stored *augmented*: an ``(n, d + 1)`` array whose last column is 1. With centroids
-packed as ``[-2 C, ||c||^2]`` one GEMM then yields ``||c||^2 - 2 x.c`` directly, which saves a
-full pass over the ``n x k`` distance tile (measured: the broadcast add costs as much as the
-argmin at k=256, d=25). ``||x||^2`` is constant per row and never needed for the argmin.
+Blocks hold rows *centred* on the data mean (as scikit-learn does before Lloyd: the expanded
+distance ``||c||^2 - 2 x.c`` loses precision when ``||x||`` is large compared with the
+distances). Distances are computed tile by tile as ``x @ (-2 C)^T + ||c||^2``, the same
+float32 operations as scikit-learn's GEMM with ``alpha=-2, beta=1``, so ties break the same
+way. ``||x||^2`` is constant per row and never needed for the argmin.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 _TILE_BYTES = 2 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ZarrRows:
     """A lazily loaded row block of a 2-D Zarr array (used when data is streamed, not persisted).
 
@@ -35,35 +36,48 @@ class ZarrRows:
     start: int
     stop: int
     dtype: str
+    shift: np.ndarray | None = None  # data mean, subtracted on load
 
     def load(self) -> np.ndarray:
         import zarr
 
         arr = zarr.open_group(self.store, mode="r")[self.variable]
-        return augment(np.asarray(arr[self.start : self.stop]), np.dtype(self.dtype))
+        x = np.array(arr[self.start : self.stop], dtype=np.dtype(self.dtype))
+        if self.shift is not None:
+            x -= self.shift
+        return x
+
+    def centred(self, shift: np.ndarray) -> ZarrRows:
+        return ZarrRows(self.store, self.variable, self.start, self.stop, self.dtype, shift)
 
 
-def augment(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Return ``[x, 1]`` as a C-contiguous ``(n, d + 1)`` array of ``dtype``."""
-    out = np.empty((x.shape[0], x.shape[1] + 1), dtype=dtype)
-    out[:, :-1] = x
-    out[:, -1] = 1
-    return out
+def as_block(x, dtype) -> np.ndarray:
+    """A C-contiguous private copy of a row block in the working dtype."""
+    return np.array(x, dtype=dtype, order="C", copy=True)
+
+
+def centre_block(block, shift: np.ndarray):
+    if isinstance(block, ZarrRows):
+        return block.centred(shift)
+    return block - shift
 
 
 def load(block) -> np.ndarray:
-    """Materialise a block handle (an augmented array or a :class:`ZarrRows`)."""
+    """Materialise a block handle (an in-memory array or a :class:`ZarrRows`)."""
     if isinstance(block, ZarrRows):
         return block.load()
     return block
 
 
 def pack_centers(centers: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Pack centroids as the ``(d + 1, k)`` right-hand side ``[-2 C, ||c||^2]^T``."""
-    c64 = np.asarray(centers, dtype=np.float64)
-    packed = np.empty((c64.shape[1] + 1, c64.shape[0]), dtype=dtype)
-    packed[:-1] = (-2.0 * c64).T
-    packed[-1] = (c64 * c64).sum(axis=1)
+    """Pack centroids as one ``(d + 1, k)`` array: rows ``(-2 C)^T`` then ``||c||^2``.
+
+    ``||c||^2`` is computed in the working dtype like scikit-learn's ``row_norms``.
+    """
+    c = np.asarray(centers, dtype=dtype)
+    packed = np.empty((c.shape[1] + 1, c.shape[0]), dtype=dtype)
+    packed[:-1] = (-2 * c).T
+    packed[-1] = np.einsum("ij,ij->i", c, c)
     return packed
 
 
@@ -71,26 +85,27 @@ def tile_rows(k: int, itemsize: int) -> int:
     return int(max(256, min(65536, _TILE_BYTES // max(1, k * itemsize))))
 
 
-def assign(xa: np.ndarray, packed: np.ndarray, want_d2: bool = True):
+def assign(x: np.ndarray, packed: np.ndarray, want_d2: bool = True):
     """Nearest centroid of every row.
 
     Returns ``labels`` (int32) and, if asked, ``d2`` (squared distance, same float dtype,
     clipped at 0 because the expanded form can go slightly negative in float32).
     """
-    n = xa.shape[0]
+    n = x.shape[0]
     k = packed.shape[1]
+    neg2ct, csq = packed[:-1], packed[-1]
     labels = np.empty(n, dtype=np.int32)
-    d2 = np.empty(n, dtype=xa.dtype) if want_d2 else None
-    step = tile_rows(k, xa.itemsize)
+    d2 = np.empty(n, dtype=x.dtype) if want_d2 else None
+    step = tile_rows(k, x.itemsize)
     for s in range(0, n, step):
-        xt = xa[s : s + step]
-        dist = xt @ packed
+        xt = x[s : s + step]
+        dist = xt @ neg2ct
+        dist += csq
         lab = dist.argmin(axis=1)
         labels[s : s + step] = lab
         if want_d2:
-            x = xt[:, :-1]
             d2[s : s + step] = np.maximum(
-                dist[np.arange(len(lab)), lab] + np.einsum("ij,ij->i", x, x), 0
+                dist[np.arange(len(lab)), lab] + np.einsum("ij,ij->i", xt, xt), 0
             )
     return labels, d2
 
@@ -114,6 +129,14 @@ def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 _NUMBA_ACC = None
 
 
+def _accumulate_py(x, labels, sums):  # pragma: no cover - compiled by numba
+    n, d = x.shape
+    for i in range(n):
+        lab = labels[i]
+        for f in range(d):
+            sums[lab, f] += x[i, f]
+
+
 def _numba_accumulate():
     """A compiled ``sums[label[i]] += x[i]`` loop, or None without numba.
 
@@ -129,15 +152,7 @@ def _numba_accumulate():
             _NUMBA_ACC = False
             return None
 
-        @numba.njit(nogil=True, cache=True)
-        def _acc(x, labels, sums):  # pragma: no cover - compiled
-            n, d = x.shape
-            for i in range(n):
-                lab = labels[i]
-                for f in range(d):
-                    sums[lab, f] += x[i, f]
-
-        _NUMBA_ACC = _acc
+        _NUMBA_ACC = numba.njit(nogil=True, cache=True)(_accumulate_py)
     return _NUMBA_ACC or None
 
 
@@ -152,10 +167,10 @@ def lloyd_step(block, packed: np.ndarray, prev_labels):
     Returns ``(labels, stats)`` where ``stats = (sums (k, d) float64, counts (k,) int64,
     n_moved)``. ``labels`` stay on the worker for the next iteration's moved-points count.
     """
-    xa = load(block)
+    x = load(block)
     k = packed.shape[1]
-    labels, _ = assign(xa, packed, want_d2=False)
-    sums = cluster_sums(xa[:, :-1], labels, k)
+    labels, _ = assign(x, packed, want_d2=False)
+    sums = cluster_sums(x, labels, k)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     if prev_labels is None:
         moved = len(labels)
@@ -189,16 +204,16 @@ def farthest_rows(block, packed: np.ndarray, m: int, start: int):
     Returns ``(d2, global_index, labels, rows)`` sorted by decreasing ``d2``; used to re-seed
     empty clusters the way scikit-learn does.
     """
-    xa = load(block)
-    labels, d2 = assign(xa, packed)
+    x = load(block)
+    labels, d2 = assign(x, packed)
     m = min(m, len(d2))
     idx = np.argpartition(d2, len(d2) - m)[len(d2) - m :] if m < len(d2) else np.arange(len(d2))
     order = idx[np.argsort(-d2[idx], kind="stable")]
-    return d2[order].astype(np.float64), order + start, labels[order], xa[order, :-1].copy()
+    return d2[order].astype(np.float64), order + start, labels[order], x[order].copy()
 
 
 def take_rows(block, local_index: np.ndarray) -> np.ndarray:
-    return load(block)[local_index, :-1].copy()
+    return load(block)[local_index].copy()
 
 
 def combine_rows(*parts):
@@ -218,8 +233,7 @@ def block_stats(block, seed: int, start: int):
     largest uniform key (``u`` from :func:`row_uniforms`), which gives a uniformly random row
     over the whole data set independent of chunking.
     """
-    xa = load(block)
-    x = xa[:, :-1]
+    x = load(block)
     n = x.shape[0]
     finite = np.isfinite(x).all(axis=1)
     n_bad = int(n - np.count_nonzero(finite))
@@ -302,18 +316,18 @@ def parallel_round(block, d2_prev, packed_new, seed: int, rnd: int, start: int, 
 
     Returns ``(d2, (phi_b, keys, global_index, rows))``.
     """
-    xa = load(block)
+    x = load(block)
     if packed_new.shape[1] == 0:  # nothing was selected last round
         d2 = d2_prev
     else:
-        _, d2_new = assign(xa, packed_new)
+        _, d2_new = assign(x, packed_new)
         d2 = d2_new.astype(np.float64) if d2_prev is None else np.minimum(d2_prev, d2_new)
     phi_b = float(d2.sum())
     u = row_uniforms(seed, rnd, start, len(d2))
     with np.errstate(divide="ignore"):
         keys = ell * d2 / np.maximum(u, 1e-300)
     sel = np.flatnonzero(keys > phi_b)
-    return d2, (phi_b, keys[sel], sel + start, xa[sel, :-1].copy())
+    return d2, (phi_b, keys[sel], sel + start, x[sel].copy())
 
 
 def round_result(step):
@@ -326,8 +340,7 @@ def round_d2(step):
 
 def candidate_weights(block, packed: np.ndarray):
     """Number of rows of the block nearest to each candidate (Bahmani et al. step 7)."""
-    xa = load(block)
-    labels, _ = assign(xa, packed, want_d2=False)
+    labels, _ = assign(load(block), packed, want_d2=False)
     return np.bincount(labels, minlength=packed.shape[1]).astype(np.int64)
 
 
@@ -339,27 +352,28 @@ def add_arrays(*parts):
 
 
 # --------------------------------------------------------------------------------------------
-# Predict / transform on raw (non-augmented) chunks, for dask map_blocks
+# Predict / transform on raw chunks, for dask map_blocks
 # --------------------------------------------------------------------------------------------
 
 
-def predict_chunk(x: np.ndarray, centers: np.ndarray, dtype) -> np.ndarray:
-    xa = augment(x, np.dtype(dtype))
-    labels, _ = assign(xa, pack_centers(centers, np.dtype(dtype)), want_d2=False)
+def predict_chunk(x: np.ndarray, centers_c: np.ndarray, shift: np.ndarray, dtype) -> np.ndarray:
+    """Labels of raw rows, centred with the fitted mean exactly as during the fit."""
+    xc = np.asarray(x, dtype=dtype) - shift
+    labels, _ = assign(xc, pack_centers(centers_c, np.dtype(dtype)), want_d2=False)
     return labels
 
 
-def transform_chunk(x: np.ndarray, centers: np.ndarray, dtype) -> np.ndarray:
+def transform_chunk(x: np.ndarray, centers_c: np.ndarray, shift: np.ndarray, dtype) -> np.ndarray:
     """Euclidean distances to every centroid (float, ``(n, k)``)."""
-    x = np.asarray(x, dtype=dtype)
-    c = np.asarray(centers, dtype=dtype)
-    d2 = (x * x).sum(axis=1)[:, None] - 2 * (x @ c.T) + (c * c).sum(axis=1)[None, :]
+    xc = np.asarray(x, dtype=dtype) - shift
+    c = np.asarray(centers_c, dtype=dtype)
+    d2 = np.einsum("ij,ij->i", xc, xc)[:, None] - 2 * (xc @ c.T) + np.einsum("ij,ij->i", c, c)
     return np.sqrt(np.maximum(d2, 0))
 
 
-def score_chunk(x: np.ndarray, centers: np.ndarray, dtype) -> np.ndarray:
+def score_chunk(x: np.ndarray, centers_c: np.ndarray, shift: np.ndarray, dtype) -> np.ndarray:
     """Sum of squared distances of the chunk's rows to their nearest centroid, as (1,)."""
-    xa = augment(x, np.dtype(dtype))
-    labels, _ = assign(xa, pack_centers(centers, np.dtype(dtype)), want_d2=False)
-    diff = xa[:, :-1].astype(np.float64) - np.asarray(centers, dtype=np.float64)[labels]
+    xc = np.asarray(x, dtype=dtype) - shift
+    labels, _ = assign(xc, pack_centers(centers_c, np.dtype(dtype)), want_d2=False)
+    diff = xc.astype(np.float64) - np.asarray(centers_c, dtype=np.float64)[labels]
     return np.array([np.einsum("ij,ij->", diff, diff)])

@@ -55,7 +55,7 @@ class Source:
 
 @dataclass
 class Blocks:
-    """The data as blocks of augmented rows where the kernels run."""
+    """The data as row blocks where the kernels run (centred after :func:`centre`)."""
 
     backend: Backend
     handles: list
@@ -66,6 +66,7 @@ class Blocks:
     dtype: np.dtype
     streamed: bool = False
     stats: dict = field(default_factory=dict)
+    shift: np.ndarray | None = None  # mean subtracted from the rows (working dtype)
 
     @property
     def nblocks(self) -> int:
@@ -99,19 +100,28 @@ class Blocks:
 
 def _rows_for(shape, dtype) -> int:
     n, d = shape
-    per_row = max(1, (d + 1) * np.dtype(dtype).itemsize)
+    per_row = max(1, d * np.dtype(dtype).itemsize)
     return max(1, min(n, _TARGET_BLOCK_BYTES // per_row))
 
 
 def _open_store(path: str, variable: str | None):
-    import xarray as xr
+    import warnings
 
-    try:
+    import xarray as xr
+    import zarr
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no Zarr store at {path!r}")
+    attrs = zarr.open_group(path, mode="r").attrs
+    if "dkm_status" in attrs:
+        # A store dkm wrote: open_dataset refuses it if the write never completed.
         from dkm.data.store import open_dataset
-    except ImportError:  # pragma: no cover - data layer not present
-        ds = xr.open_zarr(path, consolidated=False)
-    else:
+
         ds = open_dataset(path)
+    else:  # any other Zarr store
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            ds = xr.open_zarr(path, consolidated=False)
     if variable is None:
         cands = [
             name
@@ -209,7 +219,7 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
     """Put the data where the kernels run (persisted once, or as Zarr stream handles)."""
     n, d = source.shape
     dtype = source.dtype
-    per_row = (d + 1) * dtype.itemsize
+    per_row = d * dtype.itemsize
     nbytes = n * per_row
     stream = False
     if persist == "auto":
@@ -232,7 +242,7 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
             _blocks.ZarrRows(source.store, source.variable, a, b, dtype.str) for a, b in splits
         ]
     elif isinstance(arr, np.ndarray):
-        parts = [_blocks.augment(arr[a:b], dtype) for a, b in splits]
+        parts = [_blocks.as_block(arr[a:b], dtype) for a, b in splits]
         if backend.is_distributed:
             # Scatter the blocks rather than embedding client numpy in a graph (CONVENTIONS
             # s.3: large-graph warning, graph re-sent on every compute).
@@ -241,11 +251,8 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
             handles = parts
     else:
         pieces = [arr[a:b] for a, b in splits]
-        aug = [
-            p.map_blocks(_blocks.augment, dtype, chunks=(p.chunks[0], (d + 1,)), dtype=dtype)
-            for p in pieces
-        ]
-        # One augmented block per split: concatenate the source chunks within each split.
+        aug = [p.astype(dtype) for p in pieces]
+        # One block per split: concatenate the source chunks within each split.
         aug = [a if a.numblocks[0] == 1 else a.rechunk({0: -1}) for a in aug]
         if backend.is_distributed:
             from distributed import futures_of
@@ -281,3 +288,28 @@ def compute_stats(blocks: Blocks, seed: int, name: str) -> dict:
     st["sq_norm_total"] = float(st["sumsq"].sum())
     blocks.stats = st
     return st
+
+
+def centre(blocks: Blocks, name: str) -> None:
+    """Subtract the data mean from every block (once, after :func:`compute_stats`).
+
+    Like scikit-learn's Lloyd, which centres X for the accuracy of the expanded distance. The
+    statistics are updated to describe the centred data without another pass.
+    """
+    st = blocks.stats
+    shift = st["mean"].astype(blocks.dtype)
+    m = shift.astype(np.float64)
+    be = blocks.backend
+    if be.is_distributed:
+        blocks.handles = be.map(
+            _blocks.centre_block, blocks.handles, [shift] * blocks.nblocks, name=f"{name}-centre"
+        )
+    else:
+        blocks.handles = [_blocks.centre_block(h, shift) for h in blocks.handles]
+    blocks.shift = shift
+    n = st["n"]
+    # sum ||x - m||^2 = sum ||x||^2 - 2 m.sum(x) + n ||m||^2, in float64.
+    st["sq_norm_total"] = float(st["sumsq"].sum() - 2 * (m * st["sum"]).sum() + n * (m * m).sum())
+    st["min"] = st["min"] - m
+    st["max"] = st["max"] - m
+    st["first_row"] = (np.asarray(st["first_row"], dtype=blocks.dtype) - shift).astype(np.float64)

@@ -12,7 +12,7 @@ from sklearn.utils import check_random_state
 
 from dkm.kmeans import _blocks
 from dkm.kmeans._backend import get_backend
-from dkm.kmeans._data import Blocks, Source, as_source, compute_stats, load_blocks
+from dkm.kmeans._data import Blocks, Source, as_source, centre, compute_stats, load_blocks
 from dkm.kmeans.init import (
     INIT_METHODS,
     check_init_array,
@@ -71,7 +71,8 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         info: dict = {}
         init = self.init
         if not isinstance(init, str):
-            centers = check_init_array(init, k, blocks.d)
+            # Centred like the data, in the working dtype (as scikit-learn does).
+            centers = check_init_array(init, k, blocks.d).astype(blocks.dtype) - blocks.shift
             info = {"passes": 0}
         elif init == "k-means||":
             centers, info = kmeans_parallel_init(
@@ -103,7 +104,8 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         self._check_fitted_input(src)
         out = src.as_dask().map_blocks(
             _blocks.predict_chunk,
-            self.cluster_centers_,
+            self._centers_centred,
+            self._x_mean,
             self.dtype,
             drop_axis=1,
             dtype=np.int32,
@@ -118,7 +120,8 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         dsk = src.as_dask()
         out = dsk.map_blocks(
             _blocks.transform_chunk,
-            self.cluster_centers_,
+            self._centers_centred,
+            self._x_mean,
             self.dtype,
             chunks=(dsk.chunks[0], (k,)),
             dtype=self.dtype,
@@ -131,7 +134,8 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         self._check_fitted_input(src)
         parts = src.as_dask().map_blocks(
             _blocks.score_chunk,
-            self.cluster_centers_,
+            self._centers_centred,
+            self._x_mean,
             self.dtype,
             chunks=((1,) * src.as_dask().numblocks[0],),
             drop_axis=1,
@@ -300,6 +304,7 @@ class KMeans(_KMeansBase):
                 # k-means|| first centre (seeded, so it is redone for each k-means|| start).
                 stats = compute_stats(blocks, seed, name=f"{name}-r{run}")
             if run == 0:
+                centre(blocks, name)
                 load_seconds = time.perf_counter() - t_load
             centers0, info = self._initial_centers(blocks, seed, f"{name}-r{run}")
             tol_abs = float(self.tol) * float(np.mean(stats["var"]))
@@ -316,7 +321,9 @@ class KMeans(_KMeansBase):
             if best is None or res.inertia < best[0].inertia:
                 best = (res, info, tol_abs)
         res, info, tol_abs = best
-        self.cluster_centers_ = res.centers
+        self._x_mean = blocks.shift
+        self._centers_centred = res.centers
+        self.cluster_centers_ = res.centers + blocks.shift
         self.inertia_ = res.inertia
         self.n_iter_ = res.n_iter
         self.n_features_in_ = d

@@ -113,8 +113,10 @@ class _EmptyHandler:
             for j, r in zip(empty, rows, strict=True):
                 fixed[int(j)] = r
         elif self.policy == "zero":
+            # The zero vector of the data space (rows are centred on ``b.shift``).
+            zero = -(b.shift.astype(np.float64) if b.shift is not None else np.zeros(b.d))
             for j in empty:
-                fixed[int(j)] = np.zeros(b.d)
+                fixed[int(j)] = zero
         return empty, fixed, passes
 
 

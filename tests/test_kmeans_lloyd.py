@@ -1,0 +1,184 @@
+"""Lloyd iterations: equivalence with scikit-learn, scheduler/chunking independence, graph size,
+empty-cluster policies. Runs on the real clusters from conftest."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from distributed.diagnostics.plugin import SchedulerPlugin
+from sklearn.cluster import KMeans as SkKMeans
+from sklearn.cluster import kmeans_plusplus
+from sklearn.datasets import load_digits, make_blobs
+
+from dkm.kmeans.estimators import KMeans
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    X, _ = make_blobs(100_000, n_features=25, centers=64, cluster_std=1.5, random_state=0)
+    X = X.astype(np.float32)
+    C0, _ = kmeans_plusplus(X, 64, random_state=1)
+    return X, C0
+
+
+def _sklearn(X, C0, **kw):
+    return SkKMeans(C0.shape[0], init=C0, n_init=1, algorithm="lloyd", **kw).fit(X)
+
+
+def _assert_same(km, sk):
+    assert km.n_iter_ == sk.n_iter_
+    np.testing.assert_allclose(km.cluster_centers_, sk.cluster_centers_, rtol=0, atol=1e-4)
+    assert abs(km.inertia_ - sk.inertia_) <= 1e-5 * sk.inertia_
+    np.testing.assert_array_equal(np.asarray(km.labels_.compute()), sk.labels_)
+
+
+@pytest.mark.slow
+def test_matches_sklearn_on_blobs_process_cluster(client, blobs):
+    X, C0 = blobs
+    sk = _sklearn(X, C0, tol=0, max_iter=300)
+    km = KMeans(64, init=C0, tol=0, max_iter=300).fit(X)
+    assert km.history_.attrs["backend"] == "distributed"
+    assert km.history_.attrs["converged"] == "strict"
+    _assert_same(km, sk)
+
+
+@pytest.mark.parametrize("max_iter", [3, 300])
+def test_matches_sklearn_on_digits(threaded_client, max_iter):
+    X = load_digits().data.astype(np.float32)
+    C0, _ = kmeans_plusplus(X, 10, random_state=3)
+    sk = _sklearn(X, C0, tol=0, max_iter=max_iter)
+    km = KMeans(10, init=C0, tol=0, max_iter=max_iter).fit(X)
+    _assert_same(km, sk)
+    if max_iter == 3:
+        assert km.history_.attrs["converged"] == "max_iter"
+
+
+def test_tol_is_relative_to_feature_variance(threaded_client, blobs):
+    X, C0 = blobs
+    X = X[:20000]
+    sk = _sklearn(X, C0, tol=1e-2, max_iter=300)
+    km = KMeans(64, init=C0, tol=1e-2, max_iter=300).fit(X)
+    assert km.history_.attrs["tol_abs"] == pytest.approx(1e-2 * X.astype(np.float64).var(0).mean())
+    _assert_same(km, sk)
+
+
+def _zarr_store(tmp_path, X, rows):
+    path = tmp_path / "feat.zarr"
+    ds = xr.Dataset({"features": (("sample", "feature"), X)}).chunk({"sample": rows})
+    ds.to_zarr(path, consolidated=False)
+    return path
+
+
+@pytest.mark.slow
+def test_same_result_threaded_processes_and_chunkings(tmp_path, process_cluster, threaded_cluster):
+    from distributed import Client
+
+    X, _ = make_blobs(30_000, n_features=8, centers=20, cluster_std=2.0, random_state=5)
+    X = X.astype(np.float32)
+    path = _zarr_store(tmp_path, X, rows=4_000)
+    params = dict(n_clusters=20, init="k-means||", tol=0, max_iter=100, random_state=11)
+    results = {}
+    with Client(process_cluster):
+        results["processes, zarr chunks 4000"] = KMeans(**params).fit(path)
+    with Client(threaded_cluster):
+        xd = da.from_zarr(str(path / "features")).rechunk(7_001)
+        results["threaded client, chunks 7001"] = KMeans(**params).fit(xd)
+    with dask.config.set(scheduler="threads"):
+        results["local threads, numpy"] = KMeans(**params).fit(X)
+    ref = results.pop("processes, zarr chunks 4000")
+    assert ref.history_.attrs["backend"] == "distributed"
+    for label, km in results.items():
+        assert km.n_iter_ == ref.n_iter_, label
+        np.testing.assert_allclose(km.cluster_centers_, ref.cluster_centers_, atol=1e-5), label
+        assert km.inertia_ == pytest.approx(ref.inertia_, rel=1e-6), label
+    assert results["local threads, numpy"].history_.attrs["backend"] == "threads"
+
+
+class _TaskLog(SchedulerPlugin):
+    """Records every task key the scheduler receives (runs inside the scheduler)."""
+
+    name = "dkm-test-task-log"
+
+    def __init__(self):
+        self.keys = []
+
+    def update_graph(self, scheduler, *, tasks, **kwargs):
+        self.keys.extend(str(k) for k in tasks)
+
+
+@pytest.mark.slow
+def test_tasks_per_iteration_constant(client):
+    # Uniform data: Lloyd does not converge within 50 iterations, so all 50 run.
+    X = np.random.default_rng(0).random((40_000, 2), dtype=np.float32)
+    client.register_plugin(_TaskLog())
+    try:
+        km = KMeans(60, init="sample", tol=0, max_iter=50, random_state=0).fit(X)
+        keys = client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.plugins[_TaskLog.name].keys
+        )
+    finally:
+        client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.plugins.pop(_TaskLog.name, None)
+        )
+    assert km.n_iter_ == 50
+    # update_graph also lists already-known dependencies, so count distinct keys.
+    per_it = [len({k for k in keys if f"-it{i}-" in k}) for i in range(50)]
+    nb = km.history_.attrs["n_blocks"]
+    assert nb >= 2
+    assert per_it[1] == per_it[49] > 3 * nb - 1
+    assert per_it[1:] == km.history_["n_tasks"].values.tolist()[1:]
+
+
+def _empty_setup():
+    X, _ = make_blobs(3_000, n_features=4, centers=5, cluster_std=0.5, random_state=2)
+    X = X.astype(np.float32)
+    C0 = X[[0, 10, 20, 30, 40]].astype(np.float64)
+    C0 = np.vstack([C0, np.full((2, 4), 1000.0)])  # two centres no point will pick
+    return X, C0
+
+
+@pytest.mark.parametrize("policy", ["farthest", "random-point", "zero", "keep"])
+def test_empty_cluster_policies(threaded_client, policy):
+    X, C0 = _empty_setup()
+    km = KMeans(7, init=C0, max_iter=1, tol=0, empty_cluster=policy).fit(X)
+    h = km.history_
+    assert h.attrs["empty_cluster"] == policy
+    assert int(h["n_empty"][0]) == 2
+    assert int(h["n_reseeded"][0]) == (0 if policy == "keep" else 2)
+    new = km.cluster_centers_[5:]
+    if policy == "farthest":
+        # scikit-learn relocates empty clusters to the farthest points too: same centres.
+        sk = _sklearn(X, C0, max_iter=1, tol=0)
+        np.testing.assert_allclose(km.cluster_centers_, sk.cluster_centers_, atol=1e-5)
+        d2 = ((X[:, None, :] - C0[None, :5, :]) ** 2).sum(-1).min(1)
+        far = X[np.argsort(-d2)[:2]]
+        np.testing.assert_allclose(new, far, atol=1e-6)
+    elif policy == "random-point":
+        for row in new:
+            assert (np.abs(X - row).max(axis=1) < 1e-5).any()  # a data row (centring rounds)
+        assert not np.allclose(new[0], new[1])
+    elif policy == "zero":
+        np.testing.assert_array_equal(new, 0)
+    else:
+        np.testing.assert_array_equal(new, C0[5:].astype(np.float32))
+
+
+def test_empty_cluster_keep_runs_to_convergence(threaded_client):
+    X, C0 = _empty_setup()
+    km = KMeans(7, init=C0, max_iter=100, tol=0, empty_cluster="keep").fit(X)
+    assert (km.history_["n_empty"].values == 2).all()
+    assert np.bincount(km.labels_.compute(), minlength=7)[5:].sum() == 0
+
+
+def test_float64(threaded_client, blobs):
+    X, C0 = blobs
+    X = X[:10000].astype(np.float64)
+    sk = _sklearn(X, C0, tol=0, max_iter=300)
+    km = KMeans(64, init=C0, tol=0, max_iter=300, dtype=np.float64).fit(X)
+    assert km.cluster_centers_.dtype == np.float64
+    assert km.n_iter_ == sk.n_iter_
+    np.testing.assert_allclose(km.cluster_centers_, sk.cluster_centers_, atol=1e-9)
+    assert km.inertia_ == pytest.approx(sk.inertia_, rel=1e-9)
