@@ -1,0 +1,145 @@
+"""A static HTML report of a results store: figures plus tables, one self-contained folder."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dkm import plots
+from dkm.results import ResultsStore
+
+__all__ = ["report_dir", "write_report"]
+
+
+def report_dir(store: str | Path) -> Path:
+    """Where the report of ``store`` goes: a sibling folder ``<store>-report``."""
+    store = Path(store)
+    return store.with_name(store.name.removesuffix(".zarr") + "-report")
+
+
+def _tile_shape(attrs: dict) -> tuple[int, ...] | None:
+    features = attrs.get("features", {})
+    if features.get("kind") == "patches" and "patch_size" in attrs:
+        size, channels = attrs["patch_size"], attrs.get("channels", 0)
+        return (size, size, channels) if channels else (size, size)
+    shape = attrs.get("image_shape")
+    return tuple(shape) if shape else None
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
+img {{ max-width: 520px; }}
+</style></head>
+<body data-figures="pending">
+<h1>{title}</h1>
+{body}
+<script>
+// Lets a headless browser (and the tests) confirm every figure decoded.
+window.addEventListener("load", function () {{
+  var imgs = Array.from(document.images);
+  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.dataset.figures = ok + "/" + imgs.length;
+}});
+</script>
+</body></html>
+"""
+
+
+def write_report(store: str | Path, out: str | Path | None = None) -> Path:
+    """Write PNG figures and ``index.html`` for a results store.
+
+    Parameters
+    ----------
+    store : path-like
+        A results store written by a job.
+    out : path-like, optional
+        Output folder (default :func:`report_dir`).
+
+    Returns
+    -------
+    Path
+        The ``index.html`` file.
+    """
+    results = ResultsStore(store)
+    attrs = results.attrs
+    out = Path(out) if out is not None else report_dir(store)
+    out.mkdir(parents=True, exist_ok=True)
+    job = attrs.get("job", {})
+    title = f"dkm report: {job.get('name', Path(store).name)}"
+    parts = [
+        f"<p>Store <code>{html.escape(str(Path(store).resolve()))}</code>, "
+        f"status <b>{html.escape(str(attrs.get('status')))}</b>.</p>"
+    ]
+
+    runs = sorted(results.completed_runs(), key=lambda n: (n.split("-k")[0], int(n.split("-k")[1])))
+    rows, histories, figures = [], {}, []
+    for name in runs:
+        run = results.read_run(name)
+        histories[name] = results.read_history(name).load()
+        metrics = run.attrs.get("metrics", {})
+        rows.append(
+            [
+                name,
+                run.attrs.get("k"),
+                run.attrs.get("n_iter"),
+                run.attrs.get("inertia"),
+                *(metrics.get(m) for m in sorted(metrics)),
+                run.attrs.get("seconds"),
+            ]
+        )
+        shape = _tile_shape(attrs)
+        if shape is not None and int(np.prod(shape)) == run.sizes["feature"]:
+            png = plots.centroid_tiles(
+                run["centroids"].values,
+                shape,
+                out / f"centroids-{name}.png",
+                title=f"centroids of {name}",
+            )
+            figures.append((png.name, f"Centroids of {name}"))
+    if runs:
+        metric_names = sorted(results.read_run(runs[0]).attrs.get("metrics", {}))
+        parts.append("<h2>Runs</h2>")
+        parts.append(_table(["run", "k", "iterations", "inertia", *metric_names, "seconds"], rows))
+        png = plots.inertia_curves(histories, out / "inertia-by-iteration.png")
+        figures.insert(0, (png.name, "Inertia against iteration"))
+
+    if (Path(store) / "sweep" / "zarr.json").is_file():
+        sweep = results.open_tree()["sweep"].to_dataset().load()
+        for metric in sweep.data_vars:
+            png = plots.metric_against_k(sweep, metric, out / f"sweep-{metric}.png")
+            figures.insert(0, (png.name, f"{metric} against k"))
+        knee = sweep.attrs.get("elbow_k", -1)
+        parts.append(f"<p>Elbow of inertia against k: <b>{knee if knee > 0 else 'none'}</b>.</p>")
+
+    parts.append("<h2>Figures</h2>")
+    parts += [
+        f'<figure><img src="{html.escape(src)}" alt="{html.escape(cap)}">'
+        f"<figcaption>{html.escape(cap)}</figcaption></figure>"
+        for src, cap in figures
+    ]
+    parts.append("<h2>Job</h2><pre>" + html.escape(json.dumps(job, indent=2)) + "</pre>")
+    page = out / "index.html"
+    page.write_text(_PAGE.format(title=html.escape(title), body="\n".join(parts)))
+    return page

@@ -1,0 +1,139 @@
+"""Job files: valid ones parse to the expected spec; each malformed one names its problem."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from dkm.jobs import JobSpecError, load_job, parse_job
+
+VALID = {
+    "name": "mnist-patches-sweep",
+    "data": {"dataset": "mnist-5k", "store": "data/mnist-5k.zarr"},
+    "features": {"kind": "patches", "size": 5, "stride": 5, "pad": 1, "drop_empty": False},
+    "model": {
+        "algorithm": "lloyd",
+        "init": "k-means||",
+        "k": [16, 64],
+        "max_iter": 100,
+        "tol": 1.0e-4,
+        "random_state": 0,
+    },
+    "evaluate": ["inertia", "reconstruction_error"],
+    "output": {"store": "results/sweep.zarr", "labels": False, "report": True},
+    "cluster": {"address": None, "n_workers": None, "threads_per_worker": None},
+}
+
+
+def with_change(path: str, value, *, delete: bool = False) -> dict:
+    """VALID with one dotted key set (or deleted)."""
+    job = copy.deepcopy(VALID)
+    *parents, last = path.split(".")
+    node = job
+    for p in parents:
+        node = node[p]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return job
+
+
+def test_valid_job_parses_with_defaults():
+    spec = parse_job(VALID)
+    assert spec.model.k == (16, 64)
+    assert spec.model.tol == 1e-4 and isinstance(spec.model.tol, float)
+    assert spec.features.size == 5 and spec.features.split == "all"
+    assert spec.output.checkpoint_every == 5
+    assert spec.evaluate == ("inertia", "reconstruction_error")
+    assert spec.to_dict()["model"]["k"] == [16, 64]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (7, (7,)),
+        ([3, 5, 9], (3, 5, 9)),
+        ({"start": 2, "stop": 16384, "scale": "log2"}, tuple(2**i for i in range(1, 15))),
+        ({"start": 4, "stop": 20}, (4, 8, 16)),
+        ({"start": 2, "stop": 10, "scale": "linear", "step": 4}, (2, 6, 10)),
+    ],
+)
+def test_k_forms(raw, expected):
+    assert parse_job(with_change("model.k", raw)).model.k == expected
+
+
+MALFORMED = [
+    # (job, key named in the error, words in the message)
+    (with_change("colour", "blue"), "colour", "unknown section"),
+    (with_change("model.learning_rate", 0.1), "model.learning_rate", "unknown key"),
+    (with_change("model.max_iter", "ten"), "model.max_iter", "expected an integer"),
+    (with_change("model.k", 0), "model.k", "k must be >= 1"),
+    (with_change("model.k", []), "model.k", "empty list"),
+    (with_change("model.k", [4, "8"]), "model.k", "expected integers"),
+    (with_change("model.k", {"start": 64, "stop": 8}), "model.k", "start <= stop"),
+    (with_change("model.k", 20000), "model.k", "k must be <= 16384"),
+    (with_change("model.algorithm", "elkan"), "model.algorithm", "'lloyd', 'minibatch'"),
+    (with_change("model.init", "kmeans+++"), "model.init", "unknown init"),
+    (with_change("model.tol", -1.0), "model.tol", "must be >= 0"),
+    (with_change("model.empty_cluster", "drop"), "model.empty_cluster", "unknown empty_cluster"),
+    (with_change("data.dataset", "imagenet"), "data.dataset", "unknown dataset 'imagenet'"),
+    (with_change("data.store", None, delete=True), "data.store", "required key is missing"),
+    (with_change("output", None, delete=True), "output", "required section is missing"),
+    (with_change("output.store", None, delete=True), "output.store", "required key is missing"),
+    (with_change("output.labels", "yes"), "output.labels", "expected true or false"),
+    (with_change("features.size", None, delete=True), "features.size", "required when kind"),
+    (with_change("features.kind", "wavelets"), "features.kind", "'pixels', 'patches'"),
+    (with_change("evaluate", ["inertia", "purity"]), "evaluate", "unknown metric 'purity'"),
+    (with_change("evaluate", ["accuracy"]), "evaluate", "patches have none"),
+    (with_change("cluster.address", "localhost:8786"), "cluster.address", "tcp:// or tls://"),
+    (with_change("cluster.n_workers", 0), "cluster.n_workers", "must be >= 1"),
+    (with_change("name", ""), "name", "non-empty string"),
+    (with_change("data", ["mnist"]), "data", "expected a mapping"),
+]
+
+
+@pytest.mark.parametrize(
+    ("job", "key", "words"), MALFORMED, ids=[m[1] + ":" + m[2] for m in MALFORMED]
+)
+def test_malformed_jobs_name_their_problem(job, key, words):
+    with pytest.raises(JobSpecError) as info:
+        parse_job(job)
+    problems = info.value.problems
+    assert any(k == key and words in msg for k, msg in problems), problems
+    assert key in str(info.value)
+
+
+def test_all_problems_are_reported_together():
+    job = with_change("model.max_iter", 0)
+    job["model"]["algorithm"] = "elkan"
+    job["data"]["dataset"] = "imagenet"
+    with pytest.raises(JobSpecError) as info:
+        parse_job(job)
+    keys = {k for k, _ in info.value.problems}
+    assert {"model.max_iter", "model.algorithm", "data.dataset"} <= keys
+
+
+def test_not_a_mapping():
+    with pytest.raises(JobSpecError, match="a job is a mapping"):
+        parse_job(["name", "x"])
+
+
+def test_load_job_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    assert load_job(path).name == "mnist-patches-sweep"
+
+
+def test_load_job_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nmodel: {k: [1, 2\n")
+    with pytest.raises(JobSpecError, match=r"line \d+, column \d+: not valid YAML"):
+        load_job(path)
+
+
+def test_load_job_missing_file(tmp_path):
+    with pytest.raises(JobSpecError, match="cannot read the job file"):
+        load_job(tmp_path / "nope.yaml")
