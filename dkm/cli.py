@@ -186,6 +186,119 @@ def patches(
 
 
 @main.command()
+@click.argument("job_file", type=click.Path(path_type=Path))
+@scheduler_option
+@click.option("--resume", is_flag=True, help="Continue an interrupted job in its results store.")
+@click.option("--dry-run", is_flag=True, help="Validate the job and print its plan; run nothing.")
+@click.option(
+    "--performance-report",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Write Dask's performance report (HTML) of the job.",
+)
+@_user_errors
+def run(
+    job_file: Path,
+    scheduler: str | None,
+    resume: bool,
+    dry_run: bool,
+    performance_report: Path | None,
+) -> None:
+    """Run the job described by JOB_FILE (YAML)."""
+    from dkm.jobs import load_job
+    from dkm.results import run_name
+
+    spec = load_job(job_file)
+    if dry_run:
+        click.echo(f"job {spec.name!r} is valid")
+        click.echo(f"data:     {spec.data.dataset} -> {spec.data.store}")
+        click.echo(
+            f"features: {spec.features.kind}"
+            + (
+                f" {spec.features.size}x{spec.features.size} stride "
+                f"{spec.features.stride or spec.features.size} pad {spec.features.pad}"
+                if spec.features.kind == "patches"
+                else ""
+            )
+        )
+        runs = ", ".join(run_name(spec.model.algorithm, k) for k in spec.model.k)
+        click.echo(f"runs:     {runs}")
+        click.echo(f"output:   {spec.output.store}")
+        return
+    from dkm.runner import run_job
+
+    store = run_job(spec, scheduler=scheduler, resume=resume, performance_report=performance_report)
+    _show(store)
+
+
+def _show(store: Path) -> None:
+    from dkm.results import ResultsStore
+
+    results = ResultsStore(store)
+    if not (Path(store) / "zarr.json").is_file():
+        raise StoreError(f"{store}: not a results store")
+    attrs = results.attrs
+    click.echo(
+        f"{Path(store).resolve()}: job {attrs.get('job', {}).get('name')!r}, "
+        f"status {attrs.get('status')}"
+    )
+    runs = sorted(
+        results.completed_runs(), key=lambda n: (n.rsplit("-k", 1)[0], int(n.rsplit("-k", 1)[1]))
+    )
+    if not runs:
+        click.echo("no complete runs")
+        return
+    metric_names = sorted(results.read_run(runs[0]).attrs.get("metrics", {}))
+    header = ["run", "k", "iter", *metric_names, "seconds"]
+    rows = []
+    for name in runs:
+        a = results.read_run(name).attrs
+        rows.append(
+            [
+                name,
+                str(a["k"]),
+                str(a["n_iter"]),
+                *(f"{a['metrics'].get(m, float('nan')):.6g}" for m in metric_names),
+                f"{a.get('seconds', float('nan')):.1f}",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    sweep = Path(store) / "sweep" / "zarr.json"
+    if sweep.is_file():
+        import json
+
+        knee = json.loads(sweep.read_text())["attributes"].get("elbow_k", -1)
+        click.echo(f"elbow: k={knee}" if knee > 0 else "elbow: none found")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@_user_errors
+def show(store: Path) -> None:
+    """Print the runs and metrics of a results STORE."""
+    _show(store)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder [default: STORE-report next to the store].",
+)
+@_user_errors
+def report(store: Path, out: Path | None) -> None:
+    """Write PNG figures and an HTML page for a results STORE."""
+    from dkm.report import write_report
+
+    click.echo(str(write_report(store, out).resolve()))
+
+
+@main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @_user_errors
 def info(store: Path) -> None:

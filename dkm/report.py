@@ -21,12 +21,9 @@ def report_dir(store: str | Path) -> Path:
 
 
 def _tile_shape(attrs: dict) -> tuple[int, ...] | None:
-    features = attrs.get("features", {})
-    if features.get("kind") == "patches" and "patch_size" in attrs:
-        size, channels = attrs["patch_size"], attrs.get("channels", 0)
-        return (size, size, channels) if channels else (size, size)
-    shape = attrs.get("image_shape")
-    return tuple(shape) if shape else None
+    # The runner records how one feature vector is drawn: a patch or a whole image.
+    shape = attrs.get("tile_shape")
+    return tuple(shape) if shape and len(shape) in (2, 3) else None
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:

@@ -60,7 +60,7 @@ def connect(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     memory_limit: str | int | None = "auto",
-    dashboard_address: str | None = ":8787",
+    dashboard_address: str | None = "127.0.0.1:8787",
     timeout: float = 10.0,
 ) -> Iterator[Client]:
     """A client for the duration of a ``with`` block.
@@ -75,7 +75,8 @@ def connect(
     memory_limit : str or int, default "auto"
         Per-worker memory limit of the LocalCluster.
     dashboard_address : str, optional
-        Where the LocalCluster serves its dashboard (another port is taken if busy).
+        Where the LocalCluster serves its dashboard (another port is taken if busy); None
+        turns it off. Everything binds to 127.0.0.1: a local cluster is not a network service.
     timeout : float, default 10
         Seconds to wait for a remote scheduler before giving up.
 
@@ -108,6 +109,7 @@ def connect(
             n_workers=workers,
             threads_per_worker=threads,
             processes=True,
+            host="127.0.0.1",
             memory_limit=memory_limit,
             dashboard_address=dashboard_address,
             silence_logs=logging.WARNING,
