@@ -102,7 +102,7 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
                 run.attrs.get("k"),
                 run.attrs.get("n_iter"),
                 run.attrs.get("inertia"),
-                *(metrics.get(m) for m in sorted(metrics)),
+                *(metrics.get(m) for m in sorted(metrics) if m != "inertia"),
                 run.attrs.get("seconds"),
             ]
         )
@@ -116,7 +116,7 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
             )
             figures.append((png.name, f"Centroids of {name}"))
     if runs:
-        metric_names = sorted(results.read_run(runs[0]).attrs.get("metrics", {}))
+        metric_names = sorted(set(results.read_run(runs[0]).attrs.get("metrics", {})) - {"inertia"})
         parts.append("<h2>Runs</h2>")
         parts.append(_table(["run", "k", "iterations", "inertia", *metric_names, "seconds"], rows))
         png = plots.inertia_curves(histories, out / "inertia-by-iteration.png")
