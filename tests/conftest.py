@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
+import socket
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
@@ -46,3 +51,72 @@ def threaded_cluster():
 def threaded_client(threaded_cluster):
     with Client(threaded_cluster) as c:
         yield c
+
+
+# --------------------------------------------------------------------------- dataset-layer helpers
+
+IDX_TYPE_CODES = {
+    np.dtype("uint8"): 0x08,
+    np.dtype("int8"): 0x09,
+    np.dtype("int16"): 0x0B,
+    np.dtype("int32"): 0x0C,
+    np.dtype("float32"): 0x0D,
+    np.dtype("float64"): 0x0E,
+}
+
+
+def _write_idx(path, array, *, gz=False, type_code=None, magic=None):
+    """Write ``array`` in the IDX format with ``struct`` (big-endian header and data)."""
+    array = np.asarray(array)
+    code = IDX_TYPE_CODES[array.dtype] if type_code is None else type_code
+    header = magic if magic is not None else struct.pack(">BBBB", 0, 0, code, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+    return path
+
+
+@pytest.fixture
+def write_idx():
+    """``write_idx(path, array, gz=False, type_code=None, magic=None)`` -> path."""
+    return _write_idx
+
+
+MNIST_STEMS = {
+    "train-images": "train-images-idx3-ubyte",
+    "train-labels": "train-labels-idx1-ubyte",
+    "test-images": "t10k-images-idx3-ubyte",
+    "test-labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@pytest.fixture
+def make_mnist_dir():
+    """``make(directory, n_train=6, n_test=4, gz=True, seed=0, side=28)`` writes the four
+    canonically named MNIST IDX files of random digits and returns their arrays by role."""
+
+    def make(directory, n_train=6, n_test=4, *, gz=True, seed=0, side=28):
+        rng = np.random.default_rng(seed)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "train-images": rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
+            "train-labels": rng.integers(0, 10, n_train, dtype=np.uint8),
+            "test-images": rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
+            "test-labels": rng.integers(0, 10, n_test, dtype=np.uint8),
+        }
+        for role, array in arrays.items():
+            name = MNIST_STEMS[role] + (".gz" if gz else "")
+            _write_idx(directory / name, array, gz=gz)
+        return arrays
+
+    return make
+
+
+@pytest.fixture
+def closed_port():
+    """A 127.0.0.1 TCP port nothing listens on (bound once, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -128,7 +128,7 @@ def fetch_all(
     root = _cache_root(cache_dir, name)
     base = base_url if base_url.endswith("/") else base_url + "/"
     for fname in files:
-        expected = known.get(fname) if verify else None
+        expected = known.get(fname)  # verify=False only admits files with no known digest
         if verify and expected is None:
             raise ChecksumError(
                 f"{fname}: no known checksum to verify the download against; pass one "

@@ -1,0 +1,177 @@
+"""Getting a Dask client: cluster shape, remote schedulers, the DKM_SCHEDULER variable.
+
+Pins: ``default_cluster_shape`` always multiplies out to the core count; ``connect(address)``
+reaches a scheduler and worker started as separate ``dask scheduler`` / ``dask worker``
+processes and computes through them; a closed port is ``SchedulerUnreachable`` within the
+timeout; the address comes from the argument, then ``DKM_SCHEDULER``, then dask's config; with
+no address a machine-sized LocalCluster whose workers run BLAS single-threaded is started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask
+import pytest
+
+from dkm.runtime import (
+    SchedulerUnreachable,
+    connect,
+    default_cluster_shape,
+    resolve_address,
+)
+
+DASK = Path(sys.executable).with_name("dask")
+
+
+@pytest.mark.parametrize("cores", range(1, 65))
+def test_default_cluster_shape_multiplies_to_cores(cores):
+    workers, threads = default_cluster_shape(cores)
+    assert workers >= 1 and threads >= 1
+    assert workers * threads == cores
+    if cores <= 4:
+        assert threads == 1
+
+
+@pytest.mark.parametrize(
+    ("cores", "shape"),
+    [(2, (2, 1)), (4, (4, 1)), (6, (3, 2)), (8, (4, 2)), (16, (4, 4)), (64, (8, 8))],
+)
+def test_default_cluster_shape_values(cores, shape):
+    assert default_cluster_shape(cores) == shape
+
+
+def test_default_cluster_shape_of_this_machine():
+    workers, threads = default_cluster_shape()
+    assert workers * threads == len(os.sched_getaffinity(0))
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def external_scheduler(tmp_path_factory):
+    """A scheduler and one worker as separate ``dask`` processes on 127.0.0.1."""
+    workdir = tmp_path_factory.mktemp("external-dask")
+    sched_file = workdir / "scheduler.json"
+    procs = []
+    try:
+        with open(workdir / "scheduler.log", "wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                     "--scheduler-file", str(sched_file), "--no-dashboard"],
+                    stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                )
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        address = None
+        while address is None:
+            if procs[0].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"dask scheduler did not start:\n{(workdir / 'scheduler.log').read_text()}"
+                )
+            try:
+                address = json.loads(sched_file.read_text())["address"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                time.sleep(0.1)
+        with open(workdir / "worker.log", "wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [str(DASK), "worker", "--scheduler-file", str(sched_file), "--host",
+                     "127.0.0.1", "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
+                    stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                )
+            )  # fmt: skip
+        yield address
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+@pytest.mark.slow
+def test_connect_to_separate_processes(external_scheduler):
+    assert external_scheduler.startswith("tcp://127.0.0.1:")
+    with connect(external_scheduler, timeout=10) as client:
+        client.wait_for_workers(1, timeout=60)
+        assert client.scheduler.address == external_scheduler
+        pids = client.run(os.getpid)
+        assert len(pids) == 1 and os.getpid() not in pids.values()
+        assert client.submit(sum, [1, 2, 3, 4]).result(timeout=30) == 10
+        x = dask.array.arange(1000, chunks=100)
+        assert int(client.compute(x.sum()).result(timeout=30)) == 499500
+    assert client.status == "closed"
+
+
+@pytest.mark.slow
+def test_dkm_scheduler_variable_is_honoured(external_scheduler, monkeypatch):
+    monkeypatch.setenv("DKM_SCHEDULER", external_scheduler)
+    with connect(timeout=10) as client:
+        assert client.scheduler.address == external_scheduler
+        client.wait_for_workers(1, timeout=60)
+        assert client.submit(pow, 2, 10).result(timeout=30) == 1024
+
+
+def test_unreachable_scheduler_fails_fast(closed_port):
+    address = f"tcp://127.0.0.1:{closed_port}"
+    start = time.monotonic()
+    with (
+        pytest.raises(
+            SchedulerUnreachable, match=rf"no Dask scheduler answered at {address} within 2 s"
+        ),
+        connect(address, timeout=2),
+    ):
+        pytest.fail("connected to a closed port")
+    assert time.monotonic() - start < 8
+
+
+def test_unreachable_scheduler_from_variable(closed_port, monkeypatch):
+    monkeypatch.setenv("DKM_SCHEDULER", f"tcp://127.0.0.1:{closed_port}")
+    with pytest.raises(SchedulerUnreachable, match=f"127.0.0.1:{closed_port}"), connect(timeout=1):
+        pytest.fail("connected to a closed port")
+
+
+def test_address_precedence(monkeypatch):
+    monkeypatch.delenv("DKM_SCHEDULER", raising=False)
+    with dask.config.set({"scheduler-address": None}):
+        assert resolve_address() is None
+    with dask.config.set({"scheduler-address": "tcp://from-config:1"}):
+        assert resolve_address() == "tcp://from-config:1"
+        monkeypatch.setenv("DKM_SCHEDULER", "tcp://from-env:2")
+        assert resolve_address() == "tcp://from-env:2"
+        assert resolve_address("tcp://given:3") == "tcp://given:3"
+
+
+BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _blas_env():
+    return {k: os.environ.get(k) for k in BLAS_VARS}
+
+
+@pytest.mark.slow
+def test_local_cluster_when_no_address(monkeypatch):
+    monkeypatch.delenv("DKM_SCHEDULER", raising=False)
+    with (
+        dask.config.set({"scheduler-address": None}),
+        connect(n_workers=1, dashboard_address=None) as client,
+    ):
+        info = client.scheduler_info()
+        assert info["address"].startswith("tcp://127.0.0.1:")  # not a network service
+        assert len(info["workers"]) == 1
+        (worker,) = info["workers"].values()
+        assert worker["nthreads"] == len(os.sched_getaffinity(0))  # 1 worker x all cores
+        assert list(client.run(_blas_env).values()) == [dict.fromkeys(BLAS_VARS, "1")]
+        assert client.submit(lambda: 41 + 1).result(timeout=30) == 42
