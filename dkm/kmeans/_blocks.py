@@ -304,7 +304,9 @@ def row_uniforms(seed: int, stream: int, start: int, n: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def parallel_round(block, d2_prev, packed_new, seed: int, rnd: int, start: int, ell: float):
+def parallel_round(
+    block, d2_prev, packed_new, seed: int, rnd: int, start: int, ell: float, shift=None
+):
     """One k-means|| round on a block.
 
     Updates the block's running min squared distance with the candidates added last round
@@ -314,9 +316,16 @@ def parallel_round(block, d2_prev, packed_new, seed: int, rnd: int, start: int, 
     of them per block in expectation). The driver keeps those whose key beats the global
     ``phi``; this is exact Bernoulli sampling with ``p = min(1, ell d2 / phi)`` in one pass.
 
-    Returns ``(d2, (phi_b, keys, global_index, rows))``.
+    With ``shift`` the block is first centred and the centred block is returned too (the
+    first round doubles as the centring pass).
+
+    Returns ``(d2, (phi_b, keys, global_index, rows), centred block or None)``.
     """
     x = load(block)
+    centred = None
+    if shift is not None:
+        centred = centre_block(block, shift)
+        x = load(centred)
     if packed_new.shape[1] == 0:  # nothing was selected last round
         d2 = d2_prev
     else:
@@ -327,7 +336,7 @@ def parallel_round(block, d2_prev, packed_new, seed: int, rnd: int, start: int, 
     with np.errstate(divide="ignore"):
         keys = ell * d2 / np.maximum(u, 1e-300)
     sel = np.flatnonzero(keys > phi_b)
-    return d2, (phi_b, keys[sel], sel + start, x[sel].copy())
+    return d2, (phi_b, keys[sel], sel + start, x[sel].copy()), centred
 
 
 def round_result(step):
@@ -336,6 +345,10 @@ def round_result(step):
 
 def round_d2(step):
     return step[0]
+
+
+def round_block(step):
+    return step[2]
 
 
 def candidate_weights(block, packed: np.ndarray):

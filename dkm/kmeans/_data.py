@@ -290,15 +290,29 @@ def compute_stats(blocks: Blocks, seed: int, name: str) -> dict:
     return st
 
 
-def centre(blocks: Blocks, name: str) -> None:
-    """Subtract the data mean from every block (once, after :func:`compute_stats`).
+def centre_stats(blocks: Blocks) -> np.ndarray:
+    """Switch ``blocks.stats`` to describe the data centred on its mean; return the shift.
 
-    Like scikit-learn's Lloyd, which centres X for the accuracy of the expanded distance. The
-    statistics are updated to describe the centred data without another pass.
+    Like scikit-learn's Lloyd, dkm centres X for the accuracy of the expanded distance. The
+    statistics are updated without another pass; the blocks themselves are centred by
+    :func:`centre` or, for k-means||, inside its first round (no extra pass).
     """
     st = blocks.stats
     shift = st["mean"].astype(blocks.dtype)
     m = shift.astype(np.float64)
+    n = st["n"]
+    # sum ||x - m||^2 = sum ||x||^2 - 2 m.sum(x) + n ||m||^2, in float64.
+    st["sq_norm_total"] = float(st["sumsq"].sum() - 2 * (m * st["sum"]).sum() + n * (m * m).sum())
+    st["min"] = st["min"] - m
+    st["max"] = st["max"] - m
+    st["first_row"] = (np.asarray(st["first_row"], dtype=blocks.dtype) - shift).astype(np.float64)
+    blocks.shift = shift
+    return shift
+
+
+def centre(blocks: Blocks, name: str) -> None:
+    """Subtract the data mean from every block (one in-memory pass)."""
+    shift = centre_stats(blocks)
     be = blocks.backend
     if be.is_distributed:
         blocks.handles = be.map(
@@ -306,10 +320,3 @@ def centre(blocks: Blocks, name: str) -> None:
         )
     else:
         blocks.handles = [_blocks.centre_block(h, shift) for h in blocks.handles]
-    blocks.shift = shift
-    n = st["n"]
-    # sum ||x - m||^2 = sum ||x||^2 - 2 m.sum(x) + n ||m||^2, in float64.
-    st["sq_norm_total"] = float(st["sumsq"].sum() - 2 * (m * st["sum"]).sum() + n * (m * m).sum())
-    st["min"] = st["min"] - m
-    st["max"] = st["max"] - m
-    st["first_row"] = (np.asarray(st["first_row"], dtype=blocks.dtype) - shift).astype(np.float64)

@@ -65,11 +65,16 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
                 f"{self.n_features_in_}"
             )
 
-    def _initial_centers(self, blocks: Blocks, seed: int, name: str) -> tuple[np.ndarray, dict]:
+    def _initial_centers(
+        self, blocks: Blocks, seed: int, name: str, first: bool
+    ) -> tuple[np.ndarray, dict]:
+        """Initial centres (centred coordinates); on the first run also centres the blocks."""
         k = self.n_clusters
         t0 = time.perf_counter()
         info: dict = {}
         init = self.init
+        if first and not (isinstance(init, str) and init == "k-means||"):
+            centre(blocks, name)
         if not isinstance(init, str):
             # Centred like the data, in the working dtype (as scikit-learn does).
             centers = check_init_array(init, k, blocks.d).astype(blocks.dtype) - blocks.shift
@@ -82,6 +87,7 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
                 oversampling_factor=self.oversampling_factor,
                 max_iter=self.init_max_iter,
                 name=f"{name}-kmpar",
+                centre=first,
             )
         elif init == "k-means++":
             centers = kmeans_plusplus_init(
@@ -304,9 +310,8 @@ class KMeans(_KMeansBase):
                 # k-means|| first centre (seeded, so it is redone for each k-means|| start).
                 stats = compute_stats(blocks, seed, name=f"{name}-r{run}")
             if run == 0:
-                centre(blocks, name)
                 load_seconds = time.perf_counter() - t_load
-            centers0, info = self._initial_centers(blocks, seed, f"{name}-r{run}")
+            centers0, info = self._initial_centers(blocks, seed, f"{name}-r{run}", run == 0)
             tol_abs = float(self.tol) * float(np.mean(stats["var"]))
             res = lloyd(
                 blocks,

