@@ -204,6 +204,14 @@ def test_complete_store_is_reused_untouched(tmp_path, make_mnist_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr", "src"]
 
 
+def test_complete_store_of_another_dataset_is_not_reused(tmp_path):
+    # The no-op is for re-runs: a store holding another dataset must not pass for this one.
+    store = ingest("digits", tmp_path / "d.zarr")
+    with pytest.raises(StoreError, match=r"d\.zarr.*'digits'"):
+        ingest("mnist-5k", store)
+    assert open_dataset(store).attrs["dataset"] == "digits"
+
+
 def test_failed_overwrite_keeps_the_old_store(tmp_path, make_mnist_dir):
     make_mnist_dir(tmp_path / "src", n_train=4, n_test=2)
     store = ingest("mnist", tmp_path / "m.zarr", source=tmp_path / "src")

@@ -70,6 +70,13 @@ def test_ingest_unknown_name(tmp_path):
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_ingest_unknown_name_onto_an_existing_store(digits_store):
+    # An unknown name is an error even when --store already holds a complete dataset.
+    result = run("ingest", "mnsit", "--store", digits_store)
+    assert result.exit_code == 1
+    assert "unknown dataset 'mnsit'" in result.stderr
+
+
 def test_ingest_missing_source_directory(tmp_path):
     result = run("ingest", "mnist", "--store", tmp_path / "m.zarr", "--source", tmp_path / "none")
     assert result.exit_code == 1
@@ -160,6 +167,18 @@ def test_patches_refuses_a_store_without_images(tmp_path, process_cluster):
     assert result.exit_code == 1
     assert "s.zarr: has no 'images' variable" in result.stderr
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_patches_out_is_a_dataset_store(digits_store, tmp_path):
+    # --out pointing at a complete store that is not a patch store: a clear error, no traceback.
+    other = tmp_path / "other.zarr"
+    assert run("ingest", "digits", "--store", other).exit_code == 0
+    result = CliRunner().invoke(
+        main, ["patches", str(digits_store), "--size", "4", "--out", str(other)]
+    )
+    assert result.exit_code == 1, result.exception
+    assert "other.zarr" in result.stderr and "patches" in result.stderr
+    assert open_dataset(other)["images"].shape == (1797, 8, 8)
 
 
 def test_info(digits_store, tmp_path):
