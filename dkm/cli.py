@@ -136,13 +136,14 @@ def ingest(
         opts.update(grayscale=grayscale, size=_parse_size(resize))
     if no_verify:
         opts["verify"] = False
-    if is_complete(store) and not overwrite:
-        click.echo(f"{store}: already ingested (use --overwrite to redo)")
-    elif name == "synthetic":  # generated chunk by chunk on the workers
+    reused = is_complete(store) and not overwrite
+    if name == "synthetic" and not reused:  # generated chunk by chunk on the workers
         with connect(scheduler):
             catalog.ingest(name, store, source=source, overwrite=overwrite, **opts)
     else:
         catalog.ingest(name, store, source=source, overwrite=overwrite, **opts)
+    if reused:
+        click.echo(f"{store}: already ingested (use --overwrite to redo)")
     ds = open_dataset(store)
     main_var = "images" if "images" in ds else "features"
     click.echo(
@@ -175,6 +176,7 @@ def patches(
     if "images" not in ds:
         raise StoreError(f"{data}: has no 'images' variable (is it a dataset store?)")
     if is_complete(out) and not overwrite:
+        _check_patch_store(out, size, stride or size, pad, drop_empty)
         click.echo(f"{out}: already written (use --overwrite to redo)")
     else:
         with connect(scheduler):
@@ -183,6 +185,16 @@ def patches(
             write_patches(result, out, overwrite=overwrite, source_attrs=source)
     written = open_dataset(out)["patches"]
     click.echo(f"{out.resolve()}: patches {dict(written.sizes)} float32")
+
+
+def _check_patch_store(out: Path, size: int, stride: int, pad: int, drop_empty: bool) -> None:
+    existing = open_dataset(out)
+    if "patches" not in existing:
+        raise StoreError(f"{out}: exists and is not a patch store; choose another --out")
+    want = {"patch_size": size, "stride": stride, "pad": pad, "drop_empty": int(drop_empty)}
+    have = {key: existing.attrs.get(key) for key in want}
+    if have != want:
+        raise StoreError(f"{out}: holds patches {have}, not {want}; pass --overwrite to redo")
 
 
 @main.command()

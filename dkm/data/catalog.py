@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from dkm.data import download, readers
-from dkm.data.store import StoreError, is_complete, rows_per_chunk, write_atomic
+from dkm.data.store import StoreError, is_complete, open_dataset, rows_per_chunk, write_atomic
 
 __all__ = ["DATASETS", "DatasetInfo", "UnknownDatasetError", "ingest", "load"]
 
@@ -532,6 +532,11 @@ def ingest(
     _info(name)
     store = Path(store)
     if is_complete(store) and not overwrite:
+        held = open_dataset(store).attrs.get("dataset")
+        if held != name:
+            raise StoreError(
+                f"{store}: holds dataset {held!r}, not {name!r}; pass overwrite to replace it"
+            )
         log.info("%s: already ingested, reusing it (pass overwrite to redo)", store)
         return store
     if store.exists() and not overwrite:

@@ -112,8 +112,8 @@ def fetch_all(
     checksums : mapping, optional
         ``{file: "md5:<hex>" | "sha256:<hex>"}`` overriding the known digests.
     verify : bool, default True
-        Require a digest for every file and check it. A file whose digest is unknown is an
-        error unless ``verify=False``.
+        Require a digest for every file. Known digests (published or given) are always
+        checked; ``verify=False`` only admits files for which no digest is known.
     cache_dir : path-like, optional
         Cache root (default ``$DKM_CACHE_DIR`` or ``~/.cache/dkm``).
 

@@ -279,10 +279,13 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:
         raise DataFormatError(f"{path}: not a readable .npz file ({err})") from err
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise DataFormatError(f"{path}: not an .npz archive (a single {type(loaded).__name__})")
+    with loaded as npz:
+        arrays = {k: npz[k] for k in npz.files}
     if "images" not in arrays:
         raise DataFormatError(f"{path}: no 'images' array (has {sorted(arrays)})")
     images, labels = arrays["images"], arrays.get("labels")

@@ -119,8 +119,10 @@ def _replace(tmp: Path, path: Path) -> None:
         trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(path, trash)
     os.replace(tmp, path)
-    if trash is not None:
+    if trash is not None and trash.is_dir():
         shutil.rmtree(trash, ignore_errors=True)
+    elif trash is not None:
+        trash.unlink(missing_ok=True)
 
 
 def is_complete(path: str | os.PathLike) -> bool:
