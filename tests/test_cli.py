@@ -153,6 +153,10 @@ def test_patches_on_the_cluster(digits_store, tmp_path, process_cluster):
     assert again.exit_code == 0
     assert f"{out}: already written (use --overwrite to redo)" in again.stdout
 
+    other_layout = run("patches", digits_store, "--size", 2, "--out", out)
+    assert other_layout.exit_code == 1
+    assert "holds patches" in other_layout.stderr and "--overwrite" in other_layout.stderr
+
 
 def test_patches_refuses_a_store_without_images(tmp_path, process_cluster):
     store = tmp_path / "s.zarr"
