@@ -10,6 +10,7 @@ the number of tasks per iteration constant by construction.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -51,6 +52,10 @@ class Backend:
 
     nthreads: int
     is_distributed: bool
+
+    def blas_limit(self):
+        """Context in which kernels run: one BLAS thread per task when tasks share a process."""
+        return contextlib.nullcontext()
 
     def new_token(self) -> str:
         return uuid.uuid4().hex[:10]
@@ -137,6 +142,16 @@ class LocalBackend(Backend):
             self._pools[self.nthreads] = ThreadPoolExecutor(self.nthreads, thread_name_prefix="dkm")
         self.pool = self._pools[self.nthreads]
         self.memory = 0
+
+    def blas_limit(self):
+        # Two pool threads each running a 2-thread OpenBLAS GEMM oversubscribe the cores
+        # (measured 1.5-3x slower per iteration on 2 cores); workers get the same setting
+        # from the nanny (OMP/OPENBLAS_NUM_THREADS=1).
+        if self.nthreads == 1:
+            return contextlib.nullcontext()
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=1, user_api="blas")
 
     @staticmethod
     def _call(fn, args):

@@ -283,6 +283,10 @@ class KMeans(_KMeansBase):
         -------
         self
         """
+        with get_backend().blas_limit():
+            return self._fit(X, sample_weight)
+
+    def _fit(self, X: Any, sample_weight=None) -> KMeans:
         import xarray as xr
 
         if sample_weight is not None:
@@ -349,6 +353,189 @@ class KMeans(_KMeansBase):
                 "backend": "distributed" if backend.is_distributed else "threads",
                 "init_seconds": float(info.get("seconds", 0.0)),
                 "load_seconds": float(load_seconds),
+            },
+        )
+        return self
+
+
+class MiniBatchKMeans(_KMeansBase):
+    """Mini-batch k-means (Sculley 2010) over dask / distributed data.
+
+    Parameters
+    ----------
+    n_clusters : int, default 8
+    init : {"k-means++", "k-means||", "random", "sample"} or array, default "k-means++"
+        "k-means++" (as scikit-learn) runs on ``init_size`` random rows; "k-means||" runs on
+        all the data on the cluster.
+    max_iter : int, default 100
+        Maximum number of epochs (passes' worth of samples).
+    batch_size : int, default 4096
+    tol : float, default 0.0
+        Stop when the squared centre change of a step is at most ``tol`` times the mean
+        feature variance (0 disables it, as in scikit-learn).
+    max_no_improvement : int or None, default 10
+        Stop after this many steps without improvement of the smoothed batch inertia.
+    init_size : int, optional
+        Rows used for "k-means++"/"random"/"sample" and to compare ``n_init`` candidates
+        (default ``3 * batch_size``, at least ``3 * n_clusters``).
+    n_init : int or "auto", default "auto"
+        Initialisations compared on the ``init_size`` rows ("auto": 1 for k-means++ and
+        k-means||, 3 otherwise; scikit-learn's rule).
+    reassignment_ratio : float, default 0.01
+        Centres with fewer than this fraction of the largest count are moved to random batch
+        rows (every ``10 * n_clusters`` samples, or when a centre has never been hit).
+    random_state : int, RandomState or None
+    dtype, persist, variable
+        As in :class:`KMeans`.
+    prefetch : int, default 16
+        Batches gathered per round trip to the cluster.
+
+    Attributes
+    ----------
+    cluster_centers_, labels_, inertia_ (final full pass, like scikit-learn), n_iter_
+    (epochs started), n_steps_, history_ (over ``iteration`` = step: batch_inertia,
+    ewa_inertia, n_reassigned), n_features_in_.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        init: str | np.ndarray = "k-means++",
+        max_iter: int = 100,
+        batch_size: int = 4096,
+        tol: float = 0.0,
+        max_no_improvement: int | None = 10,
+        init_size: int | None = None,
+        n_init: int | str = "auto",
+        reassignment_ratio: float = 0.01,
+        random_state=None,
+        oversampling_factor: float = 2.0,
+        init_max_iter: int | None = None,
+        dtype=np.float32,
+        persist: str | bool = "auto",
+        variable: str | None = None,
+        prefetch: int = 16,
+    ):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.tol = tol
+        self.max_no_improvement = max_no_improvement
+        self.init_size = init_size
+        self.n_init = n_init
+        self.reassignment_ratio = reassignment_ratio
+        self.random_state = random_state
+        self.oversampling_factor = oversampling_factor
+        self.init_max_iter = init_max_iter
+        self.dtype = dtype
+        self.persist = persist
+        self.variable = variable
+        self.prefetch = prefetch
+
+    def fit(self, X: Any, y=None, sample_weight=None) -> MiniBatchKMeans:
+        """Compute the centroids with mini-batches; labels and inertia from one full pass."""
+        with get_backend().blas_limit():
+            return self._fit(X, sample_weight)
+
+    def _fit(self, X: Any, sample_weight=None) -> MiniBatchKMeans:
+        import xarray as xr
+
+        from dkm.kmeans.lloyd import _objective
+        from dkm.kmeans.minibatch import minibatch
+
+        if sample_weight is not None:
+            raise NotImplementedError("sample_weight is not supported by dkm.MiniBatchKMeans")
+        if self.batch_size < 1 or self.max_iter < 1:
+            raise ValueError("batch_size and max_iter must be >= 1")
+        src = self._source(X)
+        n, d = src.shape
+        self._check_params(n, d)
+        rs = check_random_state(self.random_state)
+        backend = get_backend()
+        blocks = load_blocks(src, backend, self.persist)
+        name = f"dkm-minibatch-{backend.new_token()}"
+        seed = int(rs.randint(np.iinfo(np.int32).max))
+        stats = compute_stats(blocks, seed, name=name)
+        init = self.init
+        is_str = isinstance(init, str)
+        n_init = self.n_init
+        if n_init == "auto":
+            n_init = 1 if (not is_str or init in ("k-means++", "k-means||")) else 3
+        init_size = self.init_size or 3 * self.batch_size
+        init_size = min(n, max(init_size, 3 * self.n_clusters))
+        t0 = time.perf_counter()
+        if is_str and init in ("k-means++", "random", "sample"):
+            # Like scikit-learn: initialise on a random subset, compare n_init candidates on it.
+            centre(blocks, name)
+            rows = np.sort(np.random.default_rng(seed).choice(n, init_size, replace=False))
+            sub = blocks.take(rows, name=f"{name}-initrows").astype(blocks.dtype)
+            best = None
+            for _ in range(int(n_init)):
+                s = int(rs.randint(np.iinfo(np.int32).max))
+                if init == "k-means++":
+                    from sklearn.cluster import kmeans_plusplus
+
+                    c, _ = kmeans_plusplus(sub, self.n_clusters, random_state=s)
+                elif init == "sample":
+                    c = sub[np.random.default_rng(s).choice(len(sub), self.n_clusters, False)]
+                else:
+                    lo, hi = sub.min(0), sub.max(0)
+                    c = lo + np.random.default_rng(s).random((self.n_clusters, d)) * (hi - lo)
+                score = _blocks.score_chunk(sub, c, np.zeros(d, blocks.dtype), blocks.dtype)
+                if best is None or score[0] < best[0]:
+                    best = (score[0], np.asarray(c, dtype=np.float64))
+            centers0, info = best[1], {"init_size": init_size, "n_init": int(n_init)}
+        else:
+            centers0, info = self._initial_centers(blocks, seed, name, first=True)
+        info["seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = minibatch(
+            blocks,
+            centers0,
+            batch_size=int(self.batch_size),
+            max_iter=int(self.max_iter),
+            max_no_improvement=self.max_no_improvement,
+            tol=float(self.tol) * float(np.mean(stats["var"])),
+            reassignment_ratio=float(self.reassignment_ratio),
+            seed=seed,
+            prefetch=int(self.prefetch),
+            name=name,
+        )
+        fit_seconds = time.perf_counter() - t0
+        # Labels and inertia of the final centres: one full pass, as scikit-learn does.
+        packed = backend.share(_blocks.pack_centers(res.centers, blocks.dtype))
+        nb = blocks.nblocks
+        steps = backend.map(
+            _blocks.lloyd_step, blocks.handles, [packed] * nb, [None] * nb, name=f"{name}-final"
+        )
+        labels = backend.map(_blocks.step_labels, steps, name=f"{name}-final-labels")
+        st = backend.map(_blocks.step_stats, steps, name=f"{name}-final-stats")
+        sums, counts, _ = backend.gather(
+            backend.tree_reduce(st, _blocks.combine_stats, name=f"{name}-final-sum")
+        )
+        self.inertia_ = _objective(blocks.stats["sq_norm_total"], res.centers, sums, counts)
+        self._x_mean = blocks.shift
+        self._centers_centred = res.centers
+        self.cluster_centers_ = res.centers + blocks.shift
+        self.labels_ = _labels_array(blocks, labels)
+        self.n_iter_ = res.n_iter
+        self.n_steps_ = res.n_steps
+        self.n_features_in_ = d
+        self.init_info_ = info
+        self.history_ = xr.Dataset(
+            {key: ("iteration", np.asarray(v, dtype=float)) for key, v in res.history.items()},
+            coords={"iteration": np.arange(1, res.n_steps + 1)},
+            attrs={
+                "algorithm": "minibatch",
+                "init": init if is_str else "array",
+                "stopped": res.stopped,
+                "batch_size": int(self.batch_size),
+                "fit_seconds": fit_seconds,
+                "samples_per_second": res.n_steps * self.batch_size / max(fit_seconds, 1e-9),
+                "n_blocks": nb,
+                "backend": "distributed" if backend.is_distributed else "threads",
             },
         )
         return self
