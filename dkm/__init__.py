@@ -14,3 +14,8 @@ __all__ = [
     "open_dataset",
     "stitch_patches",
 ]
+
+# k-means estimators (dkm/kmeans/).
+from dkm.kmeans import KMeans, MiniBatchKMeans, kmeans_parallel
+
+__all__ += ["KMeans", "MiniBatchKMeans", "kmeans_parallel"]
