@@ -13,6 +13,7 @@ from sklearn.cluster import KMeans as SkKMeans
 from sklearn.cluster import kmeans_plusplus
 from sklearn.datasets import load_digits, make_blobs
 
+from dkm.kmeans import _backend
 from dkm.kmeans.estimators import KMeans
 
 
@@ -110,12 +111,17 @@ class _TaskLog(SchedulerPlugin):
 
 
 @pytest.mark.slow
-def test_tasks_per_iteration_constant(client):
+@pytest.mark.parametrize("tree", [False, True])
+def test_tasks_per_iteration_constant(client, monkeypatch, tree):
+    if tree:  # force the on-worker tree reduction used for large k x d partial sums
+        monkeypatch.setattr(_backend, "CLIENT_REDUCE_BYTES", 0)
     # Uniform data: Lloyd does not converge within 50 iterations, so all 50 run.
     X = np.random.default_rng(0).random((40_000, 2), dtype=np.float32)
     client.register_plugin(_TaskLog())
     try:
-        km = KMeans(60, init="sample", tol=0, max_iter=50, random_state=0).fit(X)
+        km = KMeans(60, init="sample", tol=0, max_iter=50, random_state=0).fit(
+            da.from_array(X, chunks=5_000)  # 8 blocks (no merging): one tree level if forced
+        )
         keys = client.run_on_scheduler(
             lambda dask_scheduler: dask_scheduler.plugins[_TaskLog.name].keys
         )
@@ -127,9 +133,12 @@ def test_tasks_per_iteration_constant(client):
     # update_graph also lists already-known dependencies, so count distinct keys.
     per_it = [len({k for k in keys if f"-it{i}-" in k}) for i in range(50)]
     nb = km.history_.attrs["n_blocks"]
-    assert nb >= 2
-    assert per_it[1] == per_it[49] > 3 * nb - 1
-    assert per_it[1:] == km.history_["n_tasks"].values.tolist()[1:]
+    assert nb == 8
+    assert per_it[1] == per_it[49] == 3 * nb + (1 if tree else 0)
+    assert per_it == km.history_["n_tasks"].values.tolist()
+    with dask.config.set(scheduler="threads"):  # same numbers without the cluster
+        ref = KMeans(60, init="sample", tol=0, max_iter=3, random_state=0).fit(X)
+    np.testing.assert_allclose(km.history_["inertia"][:3], ref.history_["inertia"], rtol=1e-9)
 
 
 def _empty_setup():

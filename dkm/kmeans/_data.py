@@ -193,7 +193,8 @@ def _row_splits(chunks: tuple[int, ...], per_row: int, nthreads: int) -> list[tu
     n = int(bounds[-1])
     mean_bytes = n * per_row / max(1, len(chunks))
     if len(chunks) > 4 * nthreads and mean_bytes < _TARGET_BLOCK_BYTES / 2:
-        target = max(math.ceil(n / (4 * nthreads)), _TARGET_BLOCK_BYTES // per_row)
+        # Aim for ~64 MiB blocks, but keep at least two blocks per thread for balance.
+        target = min(math.ceil(n / (2 * nthreads)), _TARGET_BLOCK_BYTES // per_row)
         merged = [0]
         for b in bounds[1:]:
             if b - merged[-1] >= target or b == n:
@@ -275,7 +276,9 @@ def compute_stats(blocks: Blocks, seed: int, name: str) -> dict:
         blocks.starts.tolist(),
         name=f"{name}-stats",
     )
-    st = be.gather(be.tree_reduce(futs, _blocks.combine_block_stats, name=f"{name}-stats-sum"))
+    st = be.reduce(
+        futs, _blocks.combine_block_stats, name=f"{name}-stats-sum", nbytes=40 * blocks.d
+    )
     if st["n_bad"]:
         raise ValueError(
             f"Input contains NaN or infinity in {st['n_bad']} of {st['n']} rows; "

@@ -512,8 +512,8 @@ class MiniBatchKMeans(_KMeansBase):
         )
         labels = backend.map(_blocks.step_labels, steps, name=f"{name}-final-labels")
         st = backend.map(_blocks.step_stats, steps, name=f"{name}-final-stats")
-        sums, counts, _ = backend.gather(
-            backend.tree_reduce(st, _blocks.combine_stats, name=f"{name}-final-sum")
+        sums, counts, _ = backend.reduce(
+            st, _blocks.combine_stats, name=f"{name}-final-sum", nbytes=8 * res.centers.size
         )
         self.inertia_ = _objective(blocks.stats["sq_norm_total"], res.centers, sums, counts)
         self._x_mean = blocks.shift

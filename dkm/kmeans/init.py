@@ -143,7 +143,7 @@ def kmeans_parallel_init(
     # Weight each candidate by the rows nearest to it (Bahmani et al. step 7).
     packed = be.share(_blocks.pack_centers(cand, blocks.dtype))
     wf = be.map(_blocks.candidate_weights, blocks.handles, [packed] * nb, name=f"{name}-weights")
-    weights = be.gather(be.tree_reduce(wf, _blocks.add_arrays, name=f"{name}-weights-sum"))
+    weights = be.reduce(wf, _blocks.add_arrays, name=f"{name}-weights-sum", nbytes=8 * len(cand))
     passes += 1
     keep = weights > 0
     cand, weights = cand[keep], weights[keep]

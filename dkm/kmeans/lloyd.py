@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dkm.kmeans import _blocks
+from dkm.kmeans import _backend, _blocks
 from dkm.kmeans._backend import SPLIT_EVERY
 from dkm.kmeans._data import Blocks
 
@@ -164,6 +164,8 @@ def lloyd(
     sqn = blocks.stats["sq_norm_total"]
     handler = _EmptyHandler(blocks, empty_cluster, seed, name)
     C = np.asarray(centers, dtype=dtype).astype(np.float64)
+    k = C.shape[0]
+    part_bytes = k * (blocks.d + 1) * 8
     prev_labels: list = [None] * nb
     hist: dict[str, list] = {
         k_: []
@@ -193,10 +195,13 @@ def lloyd(
         )
         labels = be.map(_blocks.step_labels, steps, name=f"{name}-it{it}-labels")
         stats = be.map(_blocks.step_stats, steps, name=f"{name}-it{it}-stats")
-        n_tasks = 3 * nb + _tree_tasks(nb)
-        tot = be.tree_reduce(stats, _blocks.combine_stats, name=f"{name}-it{it}-sum")
-        sums, counts, moved = be.gather(tot)
-        del steps, stats, tot
+        n_tasks = 3 * nb + (
+            _tree_tasks(nb) if nb * part_bytes > _backend.CLIENT_REDUCE_BYTES else 0
+        )
+        sums, counts, moved = be.reduce(
+            stats, _blocks.combine_stats, name=f"{name}-it{it}-sum", nbytes=part_bytes
+        )
+        del steps, stats
         sums = sums.copy()
         counts = counts.copy()
         raw_sums, raw_counts = sums.copy(), counts.copy()
@@ -245,7 +250,9 @@ def lloyd(
         )
         final_labels = be.map(_blocks.step_labels, steps, name=f"{name}-final-labels")
         stats = be.map(_blocks.step_stats, steps, name=f"{name}-final-stats")
-        s, c, _ = be.gather(be.tree_reduce(stats, _blocks.combine_stats, name=f"{name}-final-sum"))
+        s, c, _ = be.reduce(
+            stats, _blocks.combine_stats, name=f"{name}-final-sum", nbytes=part_bytes
+        )
         inertia = _objective(sqn, C, s, c)
     return LloydResult(
         centers=C.astype(dtype),
