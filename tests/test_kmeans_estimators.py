@@ -177,3 +177,30 @@ def test_n_init_keeps_best(threaded_client, data):
     runs = [KMeans(5, init="random", n_init=1, random_state=s, max_iter=50).fit(X) for s in (0,)]
     best = KMeans(5, init="random", n_init=4, random_state=0, max_iter=50).fit(X)
     assert best.inertia_ <= runs[0].inertia_ * (1 + 1e-9)
+
+
+def test_pickle_roundtrip_on_cluster(client, data):
+    import pickle
+
+    X, C0 = data
+    km = KMeans(5, init=C0, tol=0).fit(X)
+    assert km.history_.attrs["backend"] == "distributed"
+    back = pickle.loads(pickle.dumps(km))
+    np.testing.assert_array_equal(back.labels_.compute(), km.labels_.compute())
+    np.testing.assert_array_equal(back.predict(X), km.predict(X))
+
+
+def test_streaming_from_zarr_matches_persisted(client, tmp_path, data):
+    X, C0 = data
+    path = _store(tmp_path, features=X)
+    a = KMeans(5, init=C0, tol=0, persist=False).fit(path)
+    b = KMeans(5, init=C0, tol=0).fit(path)
+    assert a.history_.attrs["streamed"] == 1 and b.history_.attrs["streamed"] == 0
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert a.n_iter_ == b.n_iter_
+    np.testing.assert_array_equal(a.labels_.compute(), b.labels_.compute())
+    k = KMeans(5, init="k-means||", random_state=0, persist=False).fit(path)
+    m = KMeans(5, init="k-means||", random_state=0).fit(path)
+    np.testing.assert_allclose(k.cluster_centers_, m.cluster_centers_, atol=1e-6)
+    with pytest.raises(ValueError, match="needs a Zarr path"):
+        KMeans(5, persist=False).fit(X)

@@ -22,6 +22,7 @@ import numpy as np
 # reads it from cache right after the GEMM wrote it (measured: 2048 x 256 float32 tiles were
 # 35% faster than whole-block distance matrices).
 _TILE_BYTES = 2 * 1024 * 1024
+_X_TILE_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,8 +170,25 @@ def lloyd_step(block, packed: np.ndarray, prev_labels):
     """
     x = load(block)
     k = packed.shape[1]
-    labels, _ = assign(x, packed, want_d2=False)
-    sums = cluster_sums(x, labels, k)
+    n, d = x.shape
+    neg2ct, csq = packed[:-1], packed[-1]
+    labels = np.empty(n, dtype=np.int32)
+    sums = np.zeros((k, d), dtype=np.float64)
+    acc = _numba_accumulate()
+    # Rows per tile: the distance tile stays in L2 (see tile_rows) and so does the x tile,
+    # so that the partial sums read x from cache right after the GEMM did. For wide rows
+    # (pixels, d=784) this is what keeps a step at about one pass over memory, not two.
+    step = max(64, min(tile_rows(k, x.itemsize), _X_TILE_BYTES // max(1, d * x.itemsize)))
+    for s in range(0, n, step):
+        xt = x[s : s + step]
+        dist = xt @ neg2ct
+        dist += csq
+        lab = dist.argmin(axis=1).astype(np.int32)
+        labels[s : s + step] = lab
+        if acc is not None:
+            acc(xt, lab, sums)
+    if acc is None:  # pragma: no cover
+        sums = cluster_sums(x, labels, k)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     if prev_labels is None:
         moved = len(labels)

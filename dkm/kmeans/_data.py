@@ -123,11 +123,11 @@ def _open_store(path: str, variable: str | None):
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             ds = xr.open_zarr(path, consolidated=False)
     if variable is None:
-        cands = [
-            name
+        cands = sorted(
+            str(name)
             for name, v in ds.data_vars.items()
             if v.ndim == 2 and np.issubdtype(v.dtype, np.floating)
-        ]
+        )
         if len(cands) != 1:
             raise ValueError(
                 f"Zarr store {path!r} holds {len(cands)} 2-D float variables "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dask.array as da
 import numpy as np
+import xarray as xr
 from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.utils import check_random_state
 
@@ -22,6 +24,15 @@ from dkm.kmeans.init import (
     sample_init,
 )
 from dkm.kmeans.lloyd import EMPTY_POLICIES, lloyd
+
+
+def _history_dataset(history: dict[str, list]) -> xr.Dataset:
+    """Per-iteration lists as a Dataset over a 1-based ``iteration`` coordinate."""
+    n = len(history["inertia"])
+    return xr.Dataset(
+        {key: ("iteration", np.asarray(v[:n])) for key, v in history.items()},
+        coords={"iteration": np.arange(1, n + 1)},
+    )
 
 
 def _labels_array(blocks: Blocks, label_handles: list) -> da.Array:
@@ -100,54 +111,66 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         info["seconds"] = time.perf_counter() - t0
         return centers, info
 
+    def _apply(self, X: Any, fn, out_cols: int | None, dtype, per_chunk: bool = False):
+        """Apply a per-chunk kernel with the fitted (centred) centres.
+
+        numpy input is processed here in row chunks (no graph that would embed the array);
+        dask / xarray / Zarr input gives a lazy dask array over the input's chunks.
+        """
+        src = self._source(X)
+        self._check_fitted_input(src)
+        args = (self._centers_centred, self._x_mean, self.dtype)
+        if isinstance(src.array, np.ndarray):
+            arr = src.array
+            step = max(1, (32 * 2**20) // max(1, arr.shape[1] * 4))
+            parts = [fn(arr[s : s + step], *args) for s in range(0, len(arr), step)]
+            return np.concatenate(parts)
+        dsk = src.as_dask()
+        if per_chunk:  # one value per chunk
+            chunks = ((1,) * dsk.numblocks[0],)
+            return dsk.map_blocks(fn, *args, drop_axis=1, chunks=chunks, dtype=dtype)
+        if out_cols is None:
+            return dsk.map_blocks(fn, *args, drop_axis=1, dtype=dtype)
+        return dsk.map_blocks(fn, *args, chunks=(dsk.chunks[0], (out_cols,)), dtype=dtype)
+
     def predict(self, X: Any):
         """Index of the nearest centroid for each sample.
 
         Streams over the chunks of ``X``: for a dask / xarray / Zarr input the result is a
         lazy dask array; for numpy input a numpy array.
         """
-        src = self._source(X)
-        self._check_fitted_input(src)
-        out = src.as_dask().map_blocks(
-            _blocks.predict_chunk,
-            self._centers_centred,
-            self._x_mean,
-            self.dtype,
-            drop_axis=1,
-            dtype=np.int32,
-        )
-        return out.compute() if isinstance(src.array, np.ndarray) else out
+        return self._apply(X, _blocks.predict_chunk, None, np.int32)
 
     def transform(self, X: Any):
-        """Euclidean distance of each sample to every centroid, ``(n_samples, n_clusters)``."""
-        src = self._source(X)
-        self._check_fitted_input(src)
+        """Euclidean distance of each sample to every centroid, ``(n_samples, n_clusters)``.
+
+        Lazy (dask) for dask / xarray / Zarr input, numpy for numpy input.
+        """
         k = self.cluster_centers_.shape[0]
-        dsk = src.as_dask()
-        out = dsk.map_blocks(
-            _blocks.transform_chunk,
-            self._centers_centred,
-            self._x_mean,
-            self.dtype,
-            chunks=(dsk.chunks[0], (k,)),
-            dtype=self.dtype,
-        )
-        return out.compute() if isinstance(src.array, np.ndarray) else out
+        return self._apply(X, _blocks.transform_chunk, k, self.dtype)
 
     def score(self, X: Any, y=None) -> float:
         """Opposite of the sum of squared distances to the nearest centroid (computed)."""
-        src = self._source(X)
-        self._check_fitted_input(src)
-        parts = src.as_dask().map_blocks(
-            _blocks.score_chunk,
-            self._centers_centred,
-            self._x_mean,
-            self.dtype,
-            chunks=((1,) * src.as_dask().numblocks[0],),
-            drop_axis=1,
-            dtype=np.float64,
-        )
-        return -float(parts.sum().compute())
+        parts = self._apply(X, _blocks.score_chunk, None, np.float64, per_chunk=True)
+        if isinstance(parts, da.Array):
+            parts = parts.compute()
+        return -float(np.sum(parts))
+
+    def __getstate__(self):
+        # labels_ may hold futures of blocks on a cluster; pickle their values instead so
+        # that a fitted estimator can be saved (dask-ml #460).
+        state = self.__dict__.copy()
+        labels = state.get("labels_")
+        if isinstance(labels, da.Array):
+            state["labels_"] = np.asarray(labels.compute())
+            state["_labels_chunks"] = labels.chunks
+        return state
+
+    def __setstate__(self, state):
+        chunks = state.pop("_labels_chunks", None)
+        if chunks is not None:
+            state["labels_"] = da.from_array(state["labels_"], chunks=chunks)
+        self.__dict__.update(state)
 
     def fit_predict(self, X: Any, y=None, sample_weight=None):
         """Fit and return the labels (numpy for numpy input, else the lazy ``labels_``)."""
@@ -268,7 +291,15 @@ class KMeans(_KMeansBase):
             raise ValueError(f"n_init must be >= 1, got {self.n_init}")
         return n
 
-    def fit(self, X: Any, y=None, sample_weight=None) -> KMeans:
+    def fit(
+        self,
+        X: Any,
+        y=None,
+        sample_weight=None,
+        *,
+        callback: Callable[[dict], None] | None = None,
+        resume_from: dict | None = None,
+    ) -> KMeans:
         """Compute k-means clustering.
 
         Parameters
@@ -278,16 +309,25 @@ class KMeans(_KMeansBase):
         y : ignored
         sample_weight : None
             Not supported (raises if given).
+        callback : callable, optional
+            Called after every Lloyd iteration with a state dict: ``iteration`` (1-based),
+            ``centers`` (float64, in the centred coordinates the iterations run in),
+            ``history`` (xarray Dataset so far) and ``state`` (what resuming needs besides).
+            Giving that dict back as ``resume_from`` continues the run exactly where it
+            stood. Needs ``n_init == 1``.
+        resume_from : dict, optional
+            A state from ``callback``: skips initialisation and continues the iterations.
+            Same data, chunking and ``random_state`` give the same final centroids as an
+            uninterrupted fit.
 
         Returns
         -------
         self
         """
         with get_backend().blas_limit():
-            return self._fit(X, sample_weight)
+            return self._fit(X, sample_weight, callback, resume_from)
 
-    def _fit(self, X: Any, sample_weight=None) -> KMeans:
-        import xarray as xr
+    def _fit(self, X: Any, sample_weight=None, callback=None, resume_from=None) -> KMeans:
 
         if sample_weight is not None:
             raise NotImplementedError("sample_weight is not supported by dkm.KMeans")
@@ -301,6 +341,8 @@ class KMeans(_KMeansBase):
         n, d = src.shape
         self._check_params(n, d)
         n_init = self._n_init()
+        if (callback is not None or resume_from is not None) and n_init != 1:
+            raise ValueError(f"callback and resume_from need n_init=1, got n_init={n_init}")
         rs = check_random_state(self.random_state)
         backend = get_backend()
         t_load = time.perf_counter()
@@ -315,8 +357,21 @@ class KMeans(_KMeansBase):
                 stats = compute_stats(blocks, seed, name=f"{name}-r{run}")
             if run == 0:
                 load_seconds = time.perf_counter() - t_load
-            centers0, info = self._initial_centers(blocks, seed, f"{name}-r{run}", run == 0)
             tol_abs = float(self.tol) * float(np.mean(stats["var"]))
+            start = None
+            if resume_from is not None:
+                centers0 = np.asarray(resume_from["centers"], dtype=np.float64)
+                check_init_array(centers0, self.n_clusters, d)
+                hist = resume_from["history"]
+                start = {
+                    "iteration": int(resume_from["iteration"]),
+                    "centers": centers0,
+                    "history": {key: hist[key].values.tolist() for key in hist.data_vars},
+                }
+                centre(blocks, f"{name}-r{run}")  # initialisation would have done it
+                info = {"resumed_from_iteration": start["iteration"], "passes": 0}
+            else:
+                centers0, info = self._initial_centers(blocks, seed, f"{name}-r{run}", run == 0)
             res = lloyd(
                 blocks,
                 centers0,
@@ -326,10 +381,29 @@ class KMeans(_KMeansBase):
                 seed=seed,
                 name=f"{name}-r{run}",
                 verbose=self.verbose,
+                start=start,
+                callback=None if callback is None else self._state_reporter(callback, seed),
             )
             if best is None or res.inertia < best[0].inertia:
                 best = (res, info, tol_abs)
         res, info, tol_abs = best
+        self._store_fit(res, info, tol_abs, blocks, backend, d, load_seconds)
+        return self
+
+    def _state_reporter(self, callback: Callable[[dict], None], seed: int):
+        def report(iteration: int, centers: np.ndarray, history: dict) -> None:
+            callback(
+                {
+                    "iteration": iteration,
+                    "centers": centers.copy(),
+                    "history": _history_dataset(history),
+                    "state": {"seed": seed},
+                }
+            )
+
+        return report
+
+    def _store_fit(self, res, info, tol_abs, blocks, backend, d, load_seconds) -> None:
         self._x_mean = blocks.shift
         self._centers_centred = res.centers
         self.cluster_centers_ = res.centers + blocks.shift
@@ -338,11 +412,9 @@ class KMeans(_KMeansBase):
         self.n_features_in_ = d
         self.init_info_ = info
         self.labels_ = _labels_array(blocks, res.labels)
-        hist = res.history
-        self.history_ = xr.Dataset(
-            {key: ("iteration", np.asarray(v)) for key, v in hist.items()},
-            coords={"iteration": np.arange(1, len(hist["inertia"]) + 1)},
-            attrs={
+        self.history_ = _history_dataset(res.history)
+        self.history_.attrs.update(
+            {
                 "algorithm": "lloyd",
                 "init": self.init if isinstance(self.init, str) else "array",
                 "empty_cluster": self.empty_cluster,
@@ -353,9 +425,8 @@ class KMeans(_KMeansBase):
                 "backend": "distributed" if backend.is_distributed else "threads",
                 "init_seconds": float(info.get("seconds", 0.0)),
                 "load_seconds": float(load_seconds),
-            },
+            }
         )
-        return self
 
 
 class MiniBatchKMeans(_KMeansBase):

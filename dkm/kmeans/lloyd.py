@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,6 +131,8 @@ def lloyd(
     seed: int = 0,
     name: str = "dkm-lloyd",
     verbose: bool = False,
+    start: dict | None = None,
+    callback: Callable[[int, np.ndarray, dict], None] | None = None,
 ) -> LloydResult:
     """Run Lloyd's algorithm from ``centers`` on prepared blocks.
 
@@ -150,6 +153,12 @@ def lloyd(
         Seed for the "random-point" policy.
     name : str
         Unique prefix for task keys (shows on the dashboard).
+    start : dict, optional
+        Resume a run: ``{"iteration": t, "centers": C, "history": {key: [values]}}`` as
+        passed to ``callback`` after iteration ``t``; iterations continue from ``t + 1``.
+    callback : callable, optional
+        ``callback(iteration, centers, history)`` after every iteration (1-based count,
+        float64 centres, history lists so far): the hook for checkpoints and progress.
 
     Returns
     -------
@@ -180,10 +189,17 @@ def lloyd(
             "extra_passes",
         )
     }
+    first = 0
+    if start is not None:
+        first = int(start["iteration"])
+        C = np.asarray(start["centers"], dtype=np.float64)
+        for key, values in start["history"].items():
+            if key in hist:
+                hist[key].extend(values)
     converged = "max_iter"
     last = None
-    it = 0
-    for it in range(max_iter):
+    it = first - 1
+    for it in range(first, max_iter):
         t0 = time.perf_counter()
         packed_ref = be.share(_blocks.pack_centers(C, dtype))
         steps = be.map(
@@ -225,13 +241,13 @@ def lloyd(
         hist["extra_passes"].append(extra)
         if verbose:
             log.info("iteration %d: inertia %.6g shift %.3g moved %d", it, inertia, shift, moved)
-        if it > 0 and moved == 0:
-            C = C_new
-            converged = "strict"
-            hist["seconds"].append(time.perf_counter() - t0)
-            break
         C = C_new
         hist["seconds"].append(time.perf_counter() - t0)
+        if callback is not None:
+            callback(it + 1, C, hist)
+        if it > 0 and moved == 0:
+            converged = "strict"
+            break
         if shift <= tol:
             converged = "tol"
             break
