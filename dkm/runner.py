@@ -234,7 +234,10 @@ def _fit_run(spec: JobSpec, k: int, features: Features, results: ResultsStore, r
         }
     start = time.perf_counter()
     try:
-        est.fit(features.X, callback=on_iteration, resume_from=resume_from)
+        if spec.model.algorithm == "lloyd":
+            est.fit(features.X, callback=on_iteration, resume_from=resume_from)
+        else:  # mini-batch runs are not checkpointed: a resumed job redoes them (same seed)
+            est.fit(features.X)
     finally:
         progress.close()
     seconds = time.perf_counter() - start
