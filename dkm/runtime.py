@@ -86,6 +86,14 @@ def connect(
         A remote address did not answer within ``timeout``.
     """
     address = resolve_address(address)
+    if address and address.startswith("tls://") and not dask.config.get(
+        "distributed.comm.tls.ca-file", None
+    ):
+        raise SchedulerUnreachable(
+            f"{address} is a TLS address but dask has no TLS configuration: set "
+            "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and .client.key "
+            "(e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE=...)"
+        )
     if address:
         try:
             client = Client(address, timeout=timeout)

@@ -71,11 +71,22 @@ def external_scheduler(tmp_path_factory):
         with open(workdir / "scheduler.log", "wb") as log:
             procs.append(
                 subprocess.Popen(
-                    [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                     "--scheduler-file", str(sched_file), "--no-dashboard"],
-                    stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                    [
+                        str(DASK),
+                        "scheduler",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "0",
+                        "--scheduler-file",
+                        str(sched_file),
+                        "--no-dashboard",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=workdir,
                 )
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + 60
         address = None
         while address is None:
@@ -90,11 +101,24 @@ def external_scheduler(tmp_path_factory):
         with open(workdir / "worker.log", "wb") as log:
             procs.append(
                 subprocess.Popen(
-                    [str(DASK), "worker", "--scheduler-file", str(sched_file), "--host",
-                     "127.0.0.1", "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
-                    stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                    [
+                        str(DASK),
+                        "worker",
+                        "--scheduler-file",
+                        str(sched_file),
+                        "--host",
+                        "127.0.0.1",
+                        "--nworkers",
+                        "1",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=workdir,
                 )
-            )  # fmt: skip
+            )
         yield address
     finally:
         for proc in reversed(procs):
@@ -175,3 +199,39 @@ def test_local_cluster_when_no_address(monkeypatch):
         assert worker["nthreads"] == len(os.sched_getaffinity(0))  # 1 worker x all cores
         assert list(client.run(_blas_env).values()) == [dict.fromkeys(BLAS_VARS, "1")]
         assert client.submit(lambda: 41 + 1).result(timeout=30) == 42
+
+
+def test_tls_scheduler_through_dask_security_config(tmp_path):
+    """A tls:// address works with nothing but dask's TLS config, as a user would set it."""
+    import dask
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    from dkm.runtime import connect
+
+    sec = Security.temporary()  # self-signed CA and certificates, in memory
+    files = {}
+    for name in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        files[name] = tmp_path / f"{name}.pem"
+        files[name].write_text(getattr(sec, name))
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        security=sec,
+        dashboard_address=None,
+        host="127.0.0.1",
+    ) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        config = {
+            "distributed.comm.tls.ca-file": str(files["tls_ca_file"]),
+            "distributed.comm.tls.client.cert": str(files["tls_client_cert"]),
+            "distributed.comm.tls.client.key": str(files["tls_client_key"]),
+            "distributed.comm.require-encryption": True,
+        }
+        with dask.config.set(config), connect(cluster.scheduler_address) as client:
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+        # Without the certificates the same address is refused.
+        with pytest.raises(SchedulerUnreachable, match="no TLS configuration"):
+            with connect(cluster.scheduler_address, timeout=3):
+                pass
