@@ -397,6 +397,7 @@ def main(argv=None):
 
     from sklearn.cluster import kmeans_plusplus
 
+    load_start = os.getloadavg()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     images = load_fashion_mnist()
@@ -502,10 +503,13 @@ def main(argv=None):
             r["vs_kpp"] = r["inertia"] / base[0]["inertia"]
     out = []
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_end = os.getloadavg()
     mem_gib = psutil.virtual_memory().total / 2**30
     out.append(
         f"Machine: {os.cpu_count()} cores, {mem_gib:.0f} GiB; Python {sys.version.split()[0]};"
-        f" run {stamp}" + (" (QUICK subset)" if args.quick else "")
+        f" run {stamp}"
+        + (" (QUICK subset)" if args.quick else "")
+        + f"; load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (1 min)"
     )
     out.append("\n### Lloyd, same initial centroids, tol=0, fixed iterations\n")
     out.append(

@@ -113,6 +113,15 @@ class DistributedBackend(Backend):
         self.nthreads = max(1, sum(w["nthreads"] for w in info["workers"].values()))
         self.memory = sum(w.get("memory_limit", 0) or 0 for w in info["workers"].values())
 
+    def worker_slots(self) -> list[str]:
+        """Worker addresses, each repeated once per thread, interleaved."""
+        info = self.client.scheduler_info(n_workers=-1) if _accepts_n_workers(self.client) else (
+            self.client.scheduler_info()
+        )
+        ws = sorted(info["workers"].items())
+        most = max((w["nthreads"] for _, w in ws), default=1)
+        return [a for t in range(most) for a, w in ws if w["nthreads"] > t]
+
     def map(self, fn, *iterables, name):
         n = len(iterables[0])
         keys = [f"{name}-{i}" for i in range(n)]

@@ -258,8 +258,16 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
         if backend.is_distributed:
             from distributed import futures_of
 
-            persisted = backend.client.persist(aug)
-            handles = [futures_of(p)[0] for p in persisted]
+            # Spread blocks over the worker threads round-robin: left to itself the scheduler
+            # may load every (fast) chunk on one worker, and each Lloyd step then runs where
+            # its block lives (measured: all 4 patch blocks on one of 2 workers).
+            slots = backend.worker_slots()
+            handles = []
+            for i, a in enumerate(aug):
+                (p,) = backend.client.persist(
+                    [a], workers=[slots[i % len(slots)]], allow_other_workers=True
+                )
+                handles.append(futures_of(p)[0])
         else:
             sched = "sync" if isinstance(backend, LocalBackend) and backend.nthreads == 1 else None
             handles = list(dask.compute(*aug, scheduler=sched or "threads"))
