@@ -98,15 +98,18 @@ def assign(x: np.ndarray, packed: np.ndarray, want_d2: bool = True):
     labels = np.empty(n, dtype=np.int32)
     d2 = np.empty(n, dtype=x.dtype) if want_d2 else None
     step = tile_rows(k, x.itemsize)
+    buf = np.empty((min(step, n), k), dtype=np.result_type(x.dtype, packed.dtype))
+    lab = np.empty(min(step, n), dtype=np.intp)
     for s in range(0, n, step):
         xt = x[s : s + step]
-        dist = xt @ neg2ct
+        m = len(xt)
+        dist = np.matmul(xt, neg2ct, out=buf[:m])
         dist += csq
-        lab = dist.argmin(axis=1)
-        labels[s : s + step] = lab
+        np.argmin(dist, axis=1, out=lab[:m])
+        labels[s : s + m] = lab[:m]
         if want_d2:
-            d2[s : s + step] = np.maximum(
-                dist[np.arange(len(lab)), lab] + np.einsum("ij,ij->i", xt, xt), 0
+            d2[s : s + m] = np.maximum(
+                dist[np.arange(m), lab[:m]] + np.einsum("ij,ij->i", xt, xt), 0
             )
     return labels, d2
 
@@ -179,14 +182,20 @@ def lloyd_step(block, packed: np.ndarray, prev_labels):
     # so that the partial sums read x from cache right after the GEMM did. For wide rows
     # (pixels, d=784) this is what keeps a step at about one pass over memory, not two.
     step = max(64, min(tile_rows(k, x.itemsize), _X_TILE_BYTES // max(1, d * x.itemsize)))
+    # Reused buffers: worker processes run with MALLOC_TRIM_THRESHOLD_ set by the nanny, so a
+    # fresh 2 MB tile per GEMM is a fresh mmap + page faults every time (measured 3x slower
+    # steps on workers than in-process before this).
+    buf = np.empty((min(step, n), k), dtype=np.result_type(x.dtype, packed.dtype))
+    lab = np.empty(min(step, n), dtype=np.intp)
     for s in range(0, n, step):
         xt = x[s : s + step]
-        dist = xt @ neg2ct
+        m = len(xt)
+        dist = np.matmul(xt, neg2ct, out=buf[:m])
         dist += csq
-        lab = dist.argmin(axis=1).astype(np.int32)
-        labels[s : s + step] = lab
+        np.argmin(dist, axis=1, out=lab[:m])
+        labels[s : s + m] = lab[:m]
         if acc is not None:
-            acc(xt, lab, sums)
+            acc(xt, labels[s : s + m], sums)
     if acc is None:  # pragma: no cover
         sums = cluster_sums(x, labels, k)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
