@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import socket
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +124,84 @@ def closed_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- a CLI-started cluster
+
+DASK_CLI = Path(sys.executable).with_name("dask")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def cli_cluster(tmp_path_factory):
+    """Address of a scheduler and two single-threaded workers started as separate processes
+    with the ``dask`` command on 127.0.0.1, as a user would start a remote cluster."""
+    workdir = tmp_path_factory.mktemp("dask-cli-cluster")
+    sched_file = workdir / "scheduler.json"
+    procs = []
+
+    def start(args: list[str], log_name: str) -> None:
+        with open(workdir / log_name, "wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [str(DASK_CLI), *args], stdout=log, stderr=subprocess.STDOUT, cwd=workdir
+                )
+            )
+
+    try:
+        start(
+            [
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--scheduler-file",
+                str(sched_file),
+                "--no-dashboard",
+            ],
+            "scheduler.log",
+        )
+        deadline = time.monotonic() + 60
+        address = None
+        while address is None:
+            if procs[0].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"dask scheduler did not start:\n{(workdir / 'scheduler.log').read_text()}"
+                )
+            try:
+                address = json.loads(sched_file.read_text())["address"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                time.sleep(0.1)
+        start(
+            [
+                "worker",
+                "--scheduler-file",
+                str(sched_file),
+                "--host",
+                "127.0.0.1",
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--local-directory",
+                str(workdir),
+            ],
+            "worker.log",
+        )
+        with Client(address, timeout=30) as c:
+            c.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)

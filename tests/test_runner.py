@@ -3,7 +3,6 @@ kill-and-resume, and the README's quickstart job."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -24,7 +23,6 @@ from dkm.results import ResultsStore
 from dkm.runner import run_job
 
 DKM = Path(sys.executable).with_name("dkm")
-DASK = Path(sys.executable).with_name("dask")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -154,66 +152,6 @@ def test_unreachable_scheduler_fails_fast(tmp_path, closed_port):
 
 
 # --------------------------------------------------------------------------- separate processes
-
-
-@pytest.fixture(scope="module")
-def cli_cluster(tmp_path_factory):
-    """A scheduler and two workers started as separate processes with the dask CLI."""
-    tmp = tmp_path_factory.mktemp("cli-cluster")
-    sched_file = tmp / "scheduler.json"
-    common = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": tmp}
-    scheduler = subprocess.Popen(
-        [
-            DASK,
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--scheduler-file",
-            sched_file,
-            "--no-dashboard",
-            "--idle-timeout",
-            "600",
-        ],
-        **common,
-    )
-    deadline = time.monotonic() + 60
-    while not sched_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    worker = subprocess.Popen(
-        [
-            DASK,
-            "worker",
-            "--scheduler-file",
-            sched_file,
-            "--host",
-            "127.0.0.1",
-            "--nworkers",
-            "2",
-            "--nthreads",
-            "1",
-            "--no-dashboard",
-            "--death-timeout",
-            "60",
-            "--local-directory",
-            tmp,
-        ],
-        **common,
-    )
-    address = json.loads(sched_file.read_text())["address"]
-    from distributed import Client
-
-    with Client(address, timeout=30) as c:
-        c.wait_for_workers(2, timeout=60)
-    yield address
-    for proc in (worker, scheduler):
-        proc.terminate()
-    for proc in (worker, scheduler):
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.slow

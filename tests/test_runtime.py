@@ -9,12 +9,8 @@ no address a machine-sized LocalCluster whose workers run BLAS single-threaded i
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import dask
 import pytest
@@ -25,8 +21,6 @@ from dkm.runtime import (
     default_cluster_shape,
     resolve_address,
 )
-
-DASK = Path(sys.executable).with_name("dask")
 
 
 @pytest.mark.parametrize("cores", range(1, 65))
@@ -51,88 +45,14 @@ def test_default_cluster_shape_of_this_machine():
     assert workers * threads == len(os.sched_getaffinity(0))
 
 
-def _stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
-@pytest.fixture(scope="module")
-def external_scheduler(tmp_path_factory):
-    """A scheduler and one worker as separate ``dask`` processes on 127.0.0.1."""
-    workdir = tmp_path_factory.mktemp("external-dask")
-    sched_file = workdir / "scheduler.json"
-    procs = []
-    try:
-        with open(workdir / "scheduler.log", "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(DASK),
-                        "scheduler",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        "0",
-                        "--scheduler-file",
-                        str(sched_file),
-                        "--no-dashboard",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=workdir,
-                )
-            )
-        deadline = time.monotonic() + 60
-        address = None
-        while address is None:
-            if procs[0].poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"dask scheduler did not start:\n{(workdir / 'scheduler.log').read_text()}"
-                )
-            try:
-                address = json.loads(sched_file.read_text())["address"]
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                time.sleep(0.1)
-        with open(workdir / "worker.log", "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(DASK),
-                        "worker",
-                        "--scheduler-file",
-                        str(sched_file),
-                        "--host",
-                        "127.0.0.1",
-                        "--nworkers",
-                        "1",
-                        "--nthreads",
-                        "1",
-                        "--no-dashboard",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=workdir,
-                )
-            )
-        yield address
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
-
-
 @pytest.mark.slow
-def test_connect_to_separate_processes(external_scheduler):
-    assert external_scheduler.startswith("tcp://127.0.0.1:")
-    with connect(external_scheduler, timeout=10) as client:
-        client.wait_for_workers(1, timeout=60)
-        assert client.scheduler.address == external_scheduler
+def test_connect_to_separate_processes(cli_cluster):
+    assert cli_cluster.startswith("tcp://127.0.0.1:")
+    with connect(cli_cluster, timeout=10) as client:
+        client.wait_for_workers(2, timeout=60)
+        assert client.scheduler.address == cli_cluster
         pids = client.run(os.getpid)
-        assert len(pids) == 1 and os.getpid() not in pids.values()
+        assert len(pids) == 2 and os.getpid() not in pids.values()
         assert client.submit(sum, [1, 2, 3, 4]).result(timeout=30) == 10
         x = dask.array.arange(1000, chunks=100)
         assert int(client.compute(x.sum()).result(timeout=30)) == 499500
@@ -140,10 +60,10 @@ def test_connect_to_separate_processes(external_scheduler):
 
 
 @pytest.mark.slow
-def test_dkm_scheduler_variable_is_honoured(external_scheduler, monkeypatch):
-    monkeypatch.setenv("DKM_SCHEDULER", external_scheduler)
+def test_dkm_scheduler_variable_is_honoured(cli_cluster, monkeypatch):
+    monkeypatch.setenv("DKM_SCHEDULER", cli_cluster)
     with connect(timeout=10) as client:
-        assert client.scheduler.address == external_scheduler
+        assert client.scheduler.address == cli_cluster
         client.wait_for_workers(1, timeout=60)
         assert client.submit(pow, 2, 10).result(timeout=30) == 1024
 
