@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future as LocalFuture
@@ -26,6 +27,73 @@ import numpy as np
 SCATTER_BYTES = 1_000_000
 SPLIT_EVERY = 8
 CLIENT_REDUCE_BYTES = 32 * 2**20
+
+
+# How the drivers' internal step names read on the dashboard. The task stream colours tasks by
+# key prefix (the words before the first token-like word), so keys are rebuilt as
+# "<algorithm>-<phase>-<token>-<counters>": "lloyd-assign", "kmeans||-round", ...
+_ALGORITHM_WORDS = {
+    "kmpar": "kmeans||",
+    "kpp": "kmeans++",
+    "sample": "sample-init",
+    "stats": "data",
+    "centre": "data",
+}
+_PHASE_WORDS = {
+    "step": "assign",
+    "sum": "reduce",
+    "far": "farthest",
+    "rnd": "random-point",
+    "d2": "mindist",
+    "sel": "select",
+    "centred": "centre",
+    "initrows": "init-rows",
+    "fetch": "batch",
+}
+_DEFAULT_PHASE = {
+    "kmpar": "round",
+    "kpp": "gather",
+    "sample": "gather",
+    "stats": "stats",
+    "centre": "centre",
+}
+_COUNTER = re.compile(r"(?:r|it|l)\d+|\d+")
+_WORD_AND_COUNT = re.compile(r"([a-z]+)(\d+)")
+
+
+def task_key(name: str, index: int | None = None) -> str:
+    """The task key for a driver step called ``name`` (``dkm-<driver>-<token>-...``).
+
+    ``dkm-kmeans-<token>-r0-it5-step`` becomes ``lloyd-assign-<token>-r0-it5``: the same
+    information (so keys stay unique), with what the task does first, where the dashboard
+    shows it. Names without a run token are returned unchanged.
+    """
+    words = name.split("-")
+    at = next((i for i, w in enumerate(words) if i > 0 and len(w) >= 8 and not w.isalpha()), None)
+    if at is None or words[0] != "dkm":
+        return name if index is None else f"{name}-{index}"
+    driver, token, rest = words[at - 1], words[at], words[at + 1 :]
+    phase, counters = [], []
+    for w in rest:
+        if w in _PHASE_WORDS or w in _ALGORITHM_WORDS:
+            phase.append(w)
+        elif _COUNTER.fullmatch(w):
+            counters.append(w)
+        elif m := _WORD_AND_COUNT.fullmatch(w):
+            phase.append(m.group(1))
+            counters.append(m.group(2))
+        else:
+            phase.append(w)
+    algorithm = "minibatch" if driver == "minibatch" else "lloyd"
+    in_iteration = any(c.startswith("it") for c in counters)  # Lloyd's own per-step stats
+    if phase and phase[0] in _ALGORITHM_WORDS and not in_iteration:
+        first = phase.pop(0)
+        algorithm = _ALGORITHM_WORDS[first]
+        phase = phase or [_DEFAULT_PHASE[first]]
+    words = [algorithm, *(_PHASE_WORDS.get(w, w) for w in phase), token, *counters]
+    if index is not None:
+        words.append(str(index))
+    return "-".join(words)
 
 
 def get_backend(client=None) -> Backend:
@@ -115,8 +183,10 @@ class DistributedBackend(Backend):
 
     def worker_slots(self) -> list[str]:
         """Worker addresses, each repeated once per thread, interleaved."""
-        info = self.client.scheduler_info(n_workers=-1) if _accepts_n_workers(self.client) else (
-            self.client.scheduler_info()
+        info = (
+            self.client.scheduler_info(n_workers=-1)
+            if _accepts_n_workers(self.client)
+            else (self.client.scheduler_info())
         )
         ws = sorted(info["workers"].items())
         most = max((w["nthreads"] for _, w in ws), default=1)
@@ -124,11 +194,11 @@ class DistributedBackend(Backend):
 
     def map(self, fn, *iterables, name):
         n = len(iterables[0])
-        keys = [f"{name}-{i}" for i in range(n)]
+        keys = [task_key(name, i) for i in range(n)]
         return self.client.map(fn, *iterables, key=keys, pure=False)
 
     def submit(self, fn, *args, name):
-        return self.client.submit(fn, *args, key=name, pure=False)
+        return self.client.submit(fn, *args, key=task_key(name), pure=False)
 
     def gather(self, futures):
         return self.client.gather(futures)
