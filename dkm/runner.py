@@ -232,12 +232,18 @@ def _fit_run(spec: JobSpec, k: int, features: Features, results: ResultsStore, r
             "state": checkpoint.state,
             "arrays": checkpoint.arrays,
         }
+    # A stored feature matrix goes in by path, so the estimator can stream it from Zarr when it
+    # does not fit in cluster memory instead of persisting it.
+    data = features.X
+    if features.store is not None:
+        data = str(features.store)
+        est.set_params(variable=features.X.name)
     start = time.perf_counter()
     try:
         if spec.model.algorithm == "lloyd":
-            est.fit(features.X, callback=on_iteration, resume_from=resume_from)
+            est.fit(data, callback=on_iteration, resume_from=resume_from)
         else:  # mini-batch runs are not checkpointed: a resumed job redoes them (same seed)
-            est.fit(features.X)
+            est.fit(data)
     finally:
         progress.close()
     seconds = time.perf_counter() - start
