@@ -9,7 +9,6 @@ were whole, so an interrupted write can never be mistaken for a result.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import uuid
@@ -174,7 +173,3 @@ def open_dataset(path: str | os.PathLike, *, chunks: Any = None) -> xr.Dataset:
         raise StoreError(f"{path}: corrupt store ({err})") from err
     return ds
 
-
-def chunk_count(n: int, rows: int) -> int:
-    """Number of chunks of ``rows`` needed to cover ``n`` rows."""
-    return math.ceil(n / rows)
