@@ -121,6 +121,23 @@ class _EmptyHandler:
         return empty, fixed, passes
 
 
+def _assign_pass(blocks: Blocks, C: np.ndarray, prev_labels: list, name: str, part_bytes: int):
+    """One pass over the data: nearest centre per row and the reduced partial statistics.
+
+    Returns the shared packed centres (the empty-cluster policy reuses them), the per-block
+    label handles (they stay where the blocks are) and ``(sums, counts, n_moved)``.
+    """
+    be, nb = blocks.backend, blocks.nblocks
+    packed_ref = be.share(_blocks.pack_centers(C, blocks.dtype))
+    steps = be.map(
+        _blocks.lloyd_step, blocks.handles, [packed_ref] * nb, prev_labels, name=f"{name}-step"
+    )
+    labels = be.map(_blocks.step_labels, steps, name=f"{name}-labels")
+    stats = be.map(_blocks.step_stats, steps, name=f"{name}-stats")
+    totals = be.reduce(stats, _blocks.combine_stats, name=f"{name}-sum", nbytes=part_bytes)
+    return packed_ref, labels, totals
+
+
 def lloyd(
     blocks: Blocks,
     centers: np.ndarray,
@@ -167,7 +184,6 @@ def lloyd(
         the squared shift is ``<= tol``; if not strictly converged, one more E-step gives
         labels and inertia consistent with the final centres.
     """
-    be = blocks.backend
     nb = blocks.nblocks
     dtype = blocks.dtype
     sqn = blocks.stats["sq_norm_total"]
@@ -201,23 +217,12 @@ def lloyd(
     it = first - 1
     for it in range(first, max_iter):
         t0 = time.perf_counter()
-        packed_ref = be.share(_blocks.pack_centers(C, dtype))
-        steps = be.map(
-            _blocks.lloyd_step,
-            blocks.handles,
-            [packed_ref] * nb,
-            prev_labels,
-            name=f"{name}-it{it}-step",
+        packed_ref, labels, (sums, counts, moved) = _assign_pass(
+            blocks, C, prev_labels, f"{name}-it{it}", part_bytes
         )
-        labels = be.map(_blocks.step_labels, steps, name=f"{name}-it{it}-labels")
-        stats = be.map(_blocks.step_stats, steps, name=f"{name}-it{it}-stats")
         n_tasks = 3 * nb + (
             _tree_tasks(nb) if nb * part_bytes > _backend.CLIENT_REDUCE_BYTES else 0
         )
-        sums, counts, moved = be.reduce(
-            stats, _blocks.combine_stats, name=f"{name}-it{it}-sum", nbytes=part_bytes
-        )
-        del steps, stats
         sums = sums.copy()
         counts = counts.copy()
         raw_sums, raw_counts = sums.copy(), counts.copy()
@@ -255,19 +260,9 @@ def lloyd(
     if converged == "strict":
         inertia = _objective(sqn, C, *last)
         final_labels = prev_labels
-    else:
-        packed_ref = be.share(_blocks.pack_centers(C, dtype))
-        steps = be.map(
-            _blocks.lloyd_step,
-            blocks.handles,
-            [packed_ref] * nb,
-            prev_labels,
-            name=f"{name}-final-step",
-        )
-        final_labels = be.map(_blocks.step_labels, steps, name=f"{name}-final-labels")
-        stats = be.map(_blocks.step_stats, steps, name=f"{name}-final-stats")
-        s, c, _ = be.reduce(
-            stats, _blocks.combine_stats, name=f"{name}-final-sum", nbytes=part_bytes
+    else:  # one more E-step so labels and inertia belong to the final centres
+        _, final_labels, (s, c, _) = _assign_pass(
+            blocks, C, prev_labels, f"{name}-final", part_bytes
         )
         inertia = _objective(sqn, C, s, c)
     return LloydResult(
