@@ -86,18 +86,17 @@ def tile_rows(k: int, itemsize: int) -> int:
     return int(max(256, min(65536, _TILE_BYTES // max(1, k * itemsize))))
 
 
-def assign(x: np.ndarray, packed: np.ndarray, want_d2: bool = True):
-    """Nearest centroid of every row.
+def nearest_tiles(x: np.ndarray, packed: np.ndarray, step: int):
+    """Nearest centroid, tile by tile: yields ``(start, rows, x_tile, dist, labels)``.
 
-    Returns ``labels`` (int32) and, if asked, ``d2`` (squared distance, same float dtype,
-    clipped at 0 because the expanded form can go slightly negative in float32).
+    ``dist`` holds ``||c||^2 - 2 x.c`` (the row norm left out) and ``labels`` its argmin; both
+    live in buffers reused for every tile, so read them before the next one. Reusing them
+    matters on worker processes: the nanny sets MALLOC_TRIM_THRESHOLD_, so a fresh 2 MB tile
+    per GEMM is a fresh mmap with page faults every time (measured 3x slower steps on workers
+    than in-process before the buffers were reused).
     """
-    n = x.shape[0]
-    k = packed.shape[1]
+    n, k = x.shape[0], packed.shape[1]
     neg2ct, csq = packed[:-1], packed[-1]
-    labels = np.empty(n, dtype=np.int32)
-    d2 = np.empty(n, dtype=x.dtype) if want_d2 else None
-    step = tile_rows(k, x.itemsize)
     buf = np.empty((min(step, n), k), dtype=np.result_type(x.dtype, packed.dtype))
     lab = np.empty(min(step, n), dtype=np.intp)
     for s in range(0, n, step):
@@ -106,11 +105,22 @@ def assign(x: np.ndarray, packed: np.ndarray, want_d2: bool = True):
         dist = np.matmul(xt, neg2ct, out=buf[:m])
         dist += csq
         np.argmin(dist, axis=1, out=lab[:m])
-        labels[s : s + m] = lab[:m]
+        yield s, m, xt, dist, lab[:m]
+
+
+def assign(x: np.ndarray, packed: np.ndarray, want_d2: bool = True):
+    """Nearest centroid of every row.
+
+    Returns ``labels`` (int32) and, if asked, ``d2`` (squared distance, same float dtype,
+    clipped at 0 because the expanded form can go slightly negative in float32).
+    """
+    n = x.shape[0]
+    labels = np.empty(n, dtype=np.int32)
+    d2 = np.empty(n, dtype=x.dtype) if want_d2 else None
+    for s, m, xt, dist, lab in nearest_tiles(x, packed, tile_rows(packed.shape[1], x.itemsize)):
+        labels[s : s + m] = lab
         if want_d2:
-            d2[s : s + m] = np.maximum(
-                dist[np.arange(m), lab[:m]] + np.einsum("ij,ij->i", xt, xt), 0
-            )
+            d2[s : s + m] = np.maximum(dist[np.arange(m), lab] + np.einsum("ij,ij->i", xt, xt), 0)
     return labels, d2
 
 
@@ -174,7 +184,6 @@ def lloyd_step(block, packed: np.ndarray, prev_labels):
     x = load(block)
     k = packed.shape[1]
     n, d = x.shape
-    neg2ct, csq = packed[:-1], packed[-1]
     labels = np.empty(n, dtype=np.int32)
     sums = np.zeros((k, d), dtype=np.float64)
     acc = _numba_accumulate()
@@ -182,18 +191,8 @@ def lloyd_step(block, packed: np.ndarray, prev_labels):
     # so that the partial sums read x from cache right after the GEMM did. For wide rows
     # (pixels, d=784) this is what keeps a step at about one pass over memory, not two.
     step = max(64, min(tile_rows(k, x.itemsize), _X_TILE_BYTES // max(1, d * x.itemsize)))
-    # Reused buffers: worker processes run with MALLOC_TRIM_THRESHOLD_ set by the nanny, so a
-    # fresh 2 MB tile per GEMM is a fresh mmap + page faults every time (measured 3x slower
-    # steps on workers than in-process before this).
-    buf = np.empty((min(step, n), k), dtype=np.result_type(x.dtype, packed.dtype))
-    lab = np.empty(min(step, n), dtype=np.intp)
-    for s in range(0, n, step):
-        xt = x[s : s + step]
-        m = len(xt)
-        dist = np.matmul(xt, neg2ct, out=buf[:m])
-        dist += csq
-        np.argmin(dist, axis=1, out=lab[:m])
-        labels[s : s + m] = lab[:m]
+    for s, m, xt, _dist, lab in nearest_tiles(x, packed, step):
+        labels[s : s + m] = lab
         if acc is not None:
             acc(xt, labels[s : s + m], sums)
     if acc is None:  # pragma: no cover
