@@ -344,15 +344,15 @@ def kernel_profile(X: np.ndarray, C: np.ndarray) -> dict:
     """Single-thread split of one dkm block (250k rows or fewer) into its kernel parts."""
     from threadpoolctl import threadpool_limits
 
-    from dkm.kmeans import _blocks
+    from dkm._parallel import kernels
 
     x = np.ascontiguousarray(X[:250_000])
-    packed = _blocks.pack_centers(C, np.dtype(np.float32))
+    packed = kernels.pack_centers(C, np.dtype(np.float32))
     k = len(C)
-    step = _blocks.tile_rows(k, 4)
+    step = kernels.tile_rows(k, 4)
     out = {}
     with threadpool_limits(1):
-        _blocks.lloyd_step(x, packed, None)  # warm up (numba)
+        kernels.lloyd_step(x, packed, None)  # warm up (numba)
 
         def t(fn, reps=3):
             best = np.inf
@@ -371,16 +371,16 @@ def kernel_profile(X: np.ndarray, C: np.ndarray) -> dict:
                 d = x[s : s + step] @ packed[:-1]
                 d += packed[-1]
 
-        labels, _ = _blocks.assign(x, packed, want_d2=False)
+        labels, _ = kernels.assign(x, packed, want_d2=False)
         out["gemm"] = t(gemm)
         out["+norms"] = t(gemm_add) - out["gemm"]
         out["argmin"] = (
-            t(lambda: _blocks.assign(x, packed, want_d2=False)) - out["gemm"] - out["+norms"]
+            t(lambda: kernels.assign(x, packed, want_d2=False)) - out["gemm"] - out["+norms"]
         )
         out["sums+counts"] = t(
-            lambda: (_blocks.cluster_sums(x, labels, k), np.bincount(labels, minlength=k))
+            lambda: (kernels.cluster_sums(x, labels, k), np.bincount(labels, minlength=k))
         )
-        out["whole step"] = t(lambda: _blocks.lloyd_step(x, packed, None))
+        out["whole step"] = t(lambda: kernels.lloyd_step(x, packed, None))
         out["rows"] = len(x)
     return out
 

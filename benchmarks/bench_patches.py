@@ -23,8 +23,8 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics import MemorySampler
 
 from dkm.data.catalog import ingest
-from dkm.data.patches import extract_patches, write_patches
 from dkm.data.store import open_dataset
+from dkm.features.patches import extract_patches, write_patches
 
 
 def _peak_rss_mib() -> float:

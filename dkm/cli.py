@@ -14,9 +14,9 @@ import yaml
 
 from dkm.data import catalog
 from dkm.data.download import ChecksumError
-from dkm.data.patches import extract_patches, write_patches
 from dkm.data.readers import DataFormatError
 from dkm.data.store import StoreError, is_complete, open_dataset
+from dkm.features.patches import extract_patches, write_patches
 from dkm.runtime import SchedulerUnreachable, connect
 
 log = logging.getLogger("dkm")
@@ -219,7 +219,7 @@ def run(
 ) -> None:
     """Run the job described by JOB_FILE (YAML)."""
     from dkm.jobs import load_job
-    from dkm.results import run_name
+    from dkm.results.store import run_name
 
     spec = load_job(job_file)
     if dry_run:
@@ -245,7 +245,7 @@ def run(
 
 
 def _show(store: Path) -> None:
-    from dkm.results import ResultsStore
+    from dkm.results.store import ResultsStore
 
     results = ResultsStore(store)
     if not (Path(store) / "zarr.json").is_file():
@@ -305,7 +305,7 @@ def show(store: Path) -> None:
 @_user_errors
 def report(store: Path, out: Path | None) -> None:
     """Write PNG figures and an HTML page for a results STORE."""
-    from dkm.report import write_report
+    from dkm.report.html import write_report
 
     click.echo(str(write_report(store, out).resolve()))
 

@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from dkm import evaluate
 from dkm.data.catalog import ingest
-from dkm.data.patches import extract_patches, write_patches
 from dkm.data.store import is_complete, open_dataset
+from dkm.evaluate import labels as evaluate
+from dkm.features.patches import extract_patches, write_patches
 from dkm.jobs import JobSpec, ModelSpec
-from dkm.results import Checkpoint, ResultsStore, run_name
+from dkm.results.store import Checkpoint, ResultsStore, run_name
+from dkm.results.sweep import sweep_table
 from dkm.runtime import connect
-from dkm.sweep import sweep_table
 
 __all__ = ["Features", "prepare_features", "run_job"]
 
@@ -346,7 +346,7 @@ def run_job(
             results.write_sweep(table)
             results.finish({"seconds": time.perf_counter() - started})
     if spec.output.report:
-        from dkm.report import write_report
+        from dkm.report.html import write_report
 
         page = write_report(spec.output.store)
         log.info("report: %s", page)

@@ -11,9 +11,9 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from sklearn.cluster import kmeans_plusplus
 from sklearn.datasets import make_blobs
 
-from dkm.kmeans import _blocks
-from dkm.kmeans._backend import get_backend
-from dkm.kmeans._data import as_source, compute_stats, load_blocks
+from dkm._parallel import kernels
+from dkm._parallel.backend import get_backend
+from dkm._parallel.blocks import as_source, compute_stats, load_blocks
 from dkm.kmeans.estimators import KMeans
 from dkm.kmeans.init import kmeans_parallel, kmeans_parallel_init
 
@@ -111,16 +111,16 @@ def test_kmeans_parallel_independent_of_chunking(threaded_client):
 
 
 def test_row_uniforms_are_chunking_independent_and_uniform():
-    full = _blocks.row_uniforms(5, 2, 0, 100_000)
+    full = kernels.row_uniforms(5, 2, 0, 100_000)
     parts = np.concatenate(
-        [_blocks.row_uniforms(5, 2, s, 25_000) for s in range(0, 100_000, 25_000)]
+        [kernels.row_uniforms(5, 2, s, 25_000) for s in range(0, 100_000, 25_000)]
     )
     np.testing.assert_array_equal(full, parts)
     assert 0 <= full.min() and full.max() < 1
     # Kolmogorov-Smirnov distance to U(0, 1) is small, streams differ.
     ks = np.abs(np.sort(full) - (np.arange(1, 100_001) / 100_000)).max()
     assert ks < 0.01
-    assert np.corrcoef(full, _blocks.row_uniforms(5, 3, 0, 100_000))[0, 1] < 0.02
+    assert np.corrcoef(full, kernels.row_uniforms(5, 3, 0, 100_000))[0, 1] < 0.02
 
 
 def test_simple_init_methods(threaded_client):

@@ -13,7 +13,7 @@ from sklearn.cluster import KMeans as SkKMeans
 from sklearn.cluster import kmeans_plusplus
 from sklearn.datasets import load_digits, make_blobs
 
-from dkm.kmeans import _backend
+from dkm._parallel import backend as _backend
 from dkm.kmeans.estimators import KMeans
 
 

@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import make_blobs
 
 from dkm.kmeans import KMeans
-from dkm.results import Checkpoint, ResultsStore
+from dkm.results.store import Checkpoint, ResultsStore
 
 
 @pytest.fixture(scope="module")

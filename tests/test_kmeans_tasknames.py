@@ -7,8 +7,8 @@ from dask.utils import key_split
 from distributed import get_task_stream
 from sklearn.datasets import make_blobs
 
+from dkm._parallel.backend import task_key
 from dkm.kmeans import KMeans, MiniBatchKMeans
-from dkm.kmeans._backend import task_key
 
 
 def test_task_key_puts_the_phase_first():

@@ -8,8 +8,8 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkm.data.patches import PatchLayout, extract_patches, stitch_patches, write_patches
 from dkm.data.store import StoreError, open_dataset
+from dkm.features.patches import PatchLayout, extract_patches, stitch_patches, write_patches
 
 
 def reference_patches(images: np.ndarray, size: int, stride: int, pad: int):

@@ -13,8 +13,8 @@ import pytest
 from distributed import Client, LocalCluster
 
 from dkm.data.catalog import DEBIAN_FASHION_MNIST, ingest
-from dkm.data.patches import extract_patches, write_patches
 from dkm.data.store import open_dataset
+from dkm.features.patches import extract_patches, write_patches
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from dkm.report import report_dir, write_report
-from dkm.results import ResultsStore, run_name
-from dkm.sweep import sweep_table
+from dkm.report.html import report_dir, write_report
+from dkm.results.store import ResultsStore, run_name
+from dkm.results.sweep import sweep_table
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from dkm.results import Checkpoint, ResultsStore, run_name
-from dkm.sweep import sweep_table
+from dkm.results.store import Checkpoint, ResultsStore, run_name
+from dkm.results.sweep import sweep_table
 
 JOB = {"job": {"name": "t", "model": {"k": [2, 3]}}}
 

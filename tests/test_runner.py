@@ -19,7 +19,7 @@ import yaml
 
 from dkm.jobs import parse_job
 from dkm.kmeans import KMeans
-from dkm.results import ResultsStore
+from dkm.results.store import ResultsStore
 from dkm.runner import run_job
 
 DKM = Path(sys.executable).with_name("dkm")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dkm.sweep import elbow, sweep_table
+from dkm.results.sweep import elbow, sweep_table
 
 
 def test_elbow_of_a_sharp_knee():

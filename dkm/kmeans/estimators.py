@@ -12,9 +12,9 @@ import xarray as xr
 from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.utils import check_random_state
 
-from dkm.kmeans import _blocks
-from dkm.kmeans._backend import get_backend
-from dkm.kmeans._data import Blocks, Source, as_source, centre, compute_stats, load_blocks
+from dkm._parallel import kernels
+from dkm._parallel.backend import get_backend
+from dkm._parallel.blocks import Blocks, Source, as_source, centre, compute_stats, load_blocks
 from dkm.kmeans.init import (
     INIT_METHODS,
     check_init_array,
@@ -139,7 +139,7 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         Streams over the chunks of ``X``: for a dask / xarray / Zarr input the result is a
         lazy dask array; for numpy input a numpy array.
         """
-        return self._apply(X, _blocks.predict_chunk, None, np.int32)
+        return self._apply(X, kernels.predict_chunk, None, np.int32)
 
     def transform(self, X: Any):
         """Euclidean distance of each sample to every centroid, ``(n_samples, n_clusters)``.
@@ -147,11 +147,11 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         Lazy (dask) for dask / xarray / Zarr input, numpy for numpy input.
         """
         k = self.cluster_centers_.shape[0]
-        return self._apply(X, _blocks.transform_chunk, k, self.dtype)
+        return self._apply(X, kernels.transform_chunk, k, self.dtype)
 
     def score(self, X: Any, y=None) -> float:
         """Opposite of the sum of squared distances to the nearest centroid (computed)."""
-        parts = self._apply(X, _blocks.score_chunk, None, np.float64, per_chunk=True)
+        parts = self._apply(X, kernels.score_chunk, None, np.float64, per_chunk=True)
         if isinstance(parts, da.Array):
             parts = parts.compute()
         return -float(np.sum(parts))
@@ -554,7 +554,7 @@ class MiniBatchKMeans(_KMeansBase):
                 else:
                     lo, hi = sub.min(0), sub.max(0)
                     c = lo + np.random.default_rng(s).random((self.n_clusters, d)) * (hi - lo)
-                score = _blocks.score_chunk(sub, c, np.zeros(d, blocks.dtype), blocks.dtype)
+                score = kernels.score_chunk(sub, c, np.zeros(d, blocks.dtype), blocks.dtype)
                 if best is None or score[0] < best[0]:
                     best = (score[0], np.asarray(c, dtype=np.float64))
             centers0, info = best[1], {"init_size": init_size, "n_init": int(n_init)}
@@ -576,15 +576,15 @@ class MiniBatchKMeans(_KMeansBase):
         )
         fit_seconds = time.perf_counter() - t0
         # Labels and inertia of the final centres: one full pass, as scikit-learn does.
-        packed = backend.share(_blocks.pack_centers(res.centers, blocks.dtype))
+        packed = backend.share(kernels.pack_centers(res.centers, blocks.dtype))
         nb = blocks.nblocks
         steps = backend.map(
-            _blocks.lloyd_step, blocks.handles, [packed] * nb, [None] * nb, name=f"{name}-final"
+            kernels.lloyd_step, blocks.handles, [packed] * nb, [None] * nb, name=f"{name}-final"
         )
-        labels = backend.map(_blocks.step_labels, steps, name=f"{name}-final-labels")
-        st = backend.map(_blocks.step_stats, steps, name=f"{name}-final-stats")
+        labels = backend.map(kernels.step_labels, steps, name=f"{name}-final-labels")
+        st = backend.map(kernels.step_stats, steps, name=f"{name}-final-stats")
         sums, counts, _ = backend.reduce(
-            st, _blocks.combine_stats, name=f"{name}-final-sum", nbytes=8 * res.centers.size
+            st, kernels.combine_stats, name=f"{name}-final-sum", nbytes=8 * res.centers.size
         )
         self.inertia_ = _objective(blocks.stats["sq_norm_total"], res.centers, sums, counts)
         self._x_mean = blocks.shift

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from dkm.kmeans import _blocks
-from dkm.kmeans._backend import get_backend
-from dkm.kmeans._data import Blocks, as_source, centre_stats, compute_stats, load_blocks
+from dkm._parallel import kernels
+from dkm._parallel.backend import get_backend
+from dkm._parallel.blocks import Blocks, as_source, centre_stats, compute_stats, load_blocks
 
 log = logging.getLogger("dkm")
 
@@ -104,9 +104,9 @@ def kmeans_parallel_init(
     phis = []
     passes = 1  # the statistics pass
     for r in range(1, rounds + 1):
-        packed = be.share(_blocks.pack_centers(new, blocks.dtype))
+        packed = be.share(kernels.pack_centers(new, blocks.dtype))
         steps = be.map(
-            _blocks.parallel_round,
+            kernels.parallel_round,
             blocks.handles,
             d2,
             [packed] * nb,
@@ -119,12 +119,12 @@ def kmeans_parallel_init(
         )
         if shift is not None and r == 1:
             blocks.handles = (
-                be.map(_blocks.round_block, steps, name=f"{name}-centred")
+                be.map(kernels.round_block, steps, name=f"{name}-centred")
                 if be.is_distributed
                 else [s[2] for s in be.gather(steps)]
             )
-        d2 = be.map(_blocks.round_d2, steps, name=f"{name}-r{r}-d2")
-        results = be.gather(be.map(_blocks.round_result, steps, name=f"{name}-r{r}-sel"))
+        d2 = be.map(kernels.round_d2, steps, name=f"{name}-r{r}-d2")
+        results = be.gather(be.map(kernels.round_result, steps, name=f"{name}-r{r}-sel"))
         del steps
         passes += 1
         phi = sum(res[0] for res in results)
@@ -141,9 +141,9 @@ def kmeans_parallel_init(
     del d2
     cand = np.concatenate(cands, axis=0)
     # Weight each candidate by the rows nearest to it (Bahmani et al. step 7).
-    packed = be.share(_blocks.pack_centers(cand, blocks.dtype))
-    wf = be.map(_blocks.candidate_weights, blocks.handles, [packed] * nb, name=f"{name}-weights")
-    weights = be.reduce(wf, _blocks.add_arrays, name=f"{name}-weights-sum", nbytes=8 * len(cand))
+    packed = be.share(kernels.pack_centers(cand, blocks.dtype))
+    wf = be.map(kernels.candidate_weights, blocks.handles, [packed] * nb, name=f"{name}-weights")
+    weights = be.reduce(wf, kernels.add_arrays, name=f"{name}-weights-sum", nbytes=8 * len(cand))
     passes += 1
     keep = weights > 0
     cand, weights = cand[keep], weights[keep]

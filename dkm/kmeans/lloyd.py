@@ -2,7 +2,7 @@
 
 Per iteration the driver submits the same tasks, whatever the iteration number:
 
-- ``nblocks`` fused E-step + partial M-step tasks (:func:`dkm.kmeans._blocks.lloyd_step`),
+- ``nblocks`` fused E-step + partial M-step tasks (:func:`dkm.kmeans.kernels.lloyd_step`),
   each returning labels (kept on the worker for the next moved-points count) and
   ``(sums, counts, moved)``;
 - ``2 * nblocks`` tiny selector tasks and a tree reduction of the statistics
@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dkm.kmeans import _backend, _blocks
-from dkm.kmeans._backend import SPLIT_EVERY
-from dkm.kmeans._data import Blocks
+from dkm._parallel import backend as _backend
+from dkm._parallel import kernels
+from dkm._parallel.backend import SPLIT_EVERY
+from dkm._parallel.blocks import Blocks
 
 log = logging.getLogger("dkm")
 
@@ -86,7 +87,7 @@ class _EmptyHandler:
             # clusters, leaving their old clusters. One extra pass, only when needed.
             m = len(empty)
             futs = be.map(
-                _blocks.farthest_rows,
+                kernels.farthest_rows,
                 b.handles,
                 [packed_ref] * b.nblocks,
                 [m] * b.nblocks,
@@ -128,13 +129,13 @@ def _assign_pass(blocks: Blocks, C: np.ndarray, prev_labels: list, name: str, pa
     label handles (they stay where the blocks are) and ``(sums, counts, n_moved)``.
     """
     be, nb = blocks.backend, blocks.nblocks
-    packed_ref = be.share(_blocks.pack_centers(C, blocks.dtype))
+    packed_ref = be.share(kernels.pack_centers(C, blocks.dtype))
     steps = be.map(
-        _blocks.lloyd_step, blocks.handles, [packed_ref] * nb, prev_labels, name=f"{name}-step"
+        kernels.lloyd_step, blocks.handles, [packed_ref] * nb, prev_labels, name=f"{name}-step"
     )
-    labels = be.map(_blocks.step_labels, steps, name=f"{name}-labels")
-    stats = be.map(_blocks.step_stats, steps, name=f"{name}-stats")
-    totals = be.reduce(stats, _blocks.combine_stats, name=f"{name}-sum", nbytes=part_bytes)
+    labels = be.map(kernels.step_labels, steps, name=f"{name}-labels")
+    stats = be.map(kernels.step_stats, steps, name=f"{name}-stats")
+    totals = be.reduce(stats, kernels.combine_stats, name=f"{name}-sum", nbytes=part_bytes)
     return packed_ref, labels, totals
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dkm.kmeans import _blocks
-from dkm.kmeans._data import Blocks
+from dkm._parallel import kernels
+from dkm._parallel.blocks import Blocks
 
 log = logging.getLogger("dkm")
 
@@ -50,9 +50,9 @@ def minibatch_step(
     Returns the batch inertia (for the old centres) and the number of reassigned centres.
     """
     k = centers.shape[0]
-    labels, d2 = _blocks.assign(batch, _blocks.pack_centers(centers, dtype))
+    labels, d2 = kernels.assign(batch, kernels.pack_centers(centers, dtype))
     inertia = float(d2.astype(np.float64).sum())
-    sums = _blocks.cluster_sums(batch, labels, k)
+    sums = kernels.cluster_sums(batch, labels, k)
     cnt = np.bincount(labels, minlength=k).astype(np.float64)
     hit = cnt > 0
     new_counts = counts[hit] + cnt[hit]

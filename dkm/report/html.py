@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dkm import plots
-from dkm.results import ResultsStore
+from dkm.report import plots
+from dkm.results.store import ResultsStore
 
 __all__ = ["report_dir", "write_report"]
 
