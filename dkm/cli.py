@@ -15,8 +15,7 @@ import yaml
 from dkm.data import catalog
 from dkm.data.download import ChecksumError
 from dkm.data.readers import DataFormatError
-from dkm.data.store import StoreError, is_complete, open_dataset
-from dkm.features.patches import extract_patches, write_patches
+from dkm.data.store import StoreError, is_complete, open_dataset, probe, store_kind
 from dkm.runtime import SchedulerUnreachable, connect
 
 log = logging.getLogger("dkm")
@@ -32,17 +31,20 @@ USER_ERRORS = (
     TypeError,
     OSError,
 )
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 scheduler_option = click.option(
     "--scheduler",
     metavar="ADDRESS",
     default=None,
-    help="tcp:// or tls:// address of a Dask scheduler; default: $DKM_SCHEDULER, dask config, "
-    "or a new LocalCluster sized to this machine.",
+    help="tcp:// or tls:// address of a Dask scheduler; default: $DKM_SCHEDULER, the job's "
+    "cluster.address, dask config, or a new LocalCluster sized to this machine.",
 )
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Report a user's error in one line (exit 1) and Ctrl-C in one line (exit 130)."""
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -50,6 +52,9 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except USER_ERRORS as err:
             click.echo(f"dkm: error: {err}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("dkm: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 
@@ -101,13 +106,19 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
     return y, x
 
 
+def _with_remedy(err: StoreError, remedy: str) -> StoreError:
+    return StoreError(getattr(err, "problem", str(err)), remedy=remedy)
+
+
 @main.command()
 @click.argument("name")
 @click.option("--store", required=True, type=click.Path(path_type=Path), help="Output Zarr store.")
 @click.option("--source", default=None, help="Directory, file, URL, or 'download'.")
 @click.option("--overwrite", is_flag=True, help="Re-ingest over an existing complete store.")
 @click.option("--grayscale/--color", default=True, help="(images) channels to keep.")
-@click.option("--size", "resize", default=None, metavar="YxX", help="(images) resize, e.g. 28x28.")
+@click.option(
+    "--resize", default=None, metavar="YxX", help="(images) resize every image, e.g. 28x28."
+)
 @click.option("--no-verify", is_flag=True, help="(downloads) accept files with no known checksum.")
 @click.option(
     "-o",
@@ -137,11 +148,19 @@ def ingest(
     if no_verify:
         opts["verify"] = False
     reused = is_complete(store) and not overwrite
-    if name == "synthetic" and not reused:  # generated chunk by chunk on the workers
-        with connect(scheduler):
+    try:
+        if name == "synthetic" and not reused:  # generated chunk by chunk on the workers
+            with connect(scheduler):
+                catalog.ingest(name, store, source=source, overwrite=overwrite, **opts)
+        else:
             catalog.ingest(name, store, source=source, overwrite=overwrite, **opts)
-    else:
-        catalog.ingest(name, store, source=source, overwrite=overwrite, **opts)
+    except StoreError as err:
+        state = probe(store)
+        if state is not None and state.replaceable_by("dataset") and not overwrite:
+            raise _with_remedy(
+                err, "pass --overwrite to replace it, or choose another --store"
+            ) from None
+        raise _with_remedy(err, "choose another --store") from None
     if reused:
         click.echo(f"{store}: already ingested (use --overwrite to redo)")
     ds = open_dataset(store)
@@ -172,36 +191,45 @@ def patches(
     scheduler: str | None,
 ) -> None:
     """Cut the images of DATA (a dataset store) into patches and write them to --out."""
+    from dkm.features import PatchLayout, cut_patches
+
+    layout = PatchLayout(size, stride, pad, drop_empty)
     ds = open_dataset(data)
     if "images" not in ds:
         raise StoreError(f"{data}: has no 'images' variable (is it a dataset store?)")
-    if is_complete(out) and not overwrite:
-        _check_patch_store(out, size, stride or size, pad, drop_empty)
+    problem = layout.image_problems(tuple(ds["images"].shape[1:]))
+    if problem:
+        raise click.BadParameter(f"{problem[0]} of {data}", param_hint="--size")
+    state = probe(out)
+    if state is not None and not overwrite:
+        if state.kind != "patches" or not state.complete:
+            raise StoreError(f"{out}: {state.what}", remedy="choose another --out")
+        try:
+            layout.check_store(out)
+        except StoreError as err:
+            raise _with_remedy(err, "pass --overwrite to redo, or choose another --out") from None
         click.echo(f"{out}: already written (use --overwrite to redo)")
     else:
+        if state is not None and not state.replaceable_by("patches"):
+            raise StoreError(
+                f"{out}: {state.what}", remedy="--overwrite replaces patch stores only"
+            )
         with connect(scheduler):
-            result = extract_patches(ds["images"], size, stride, pad, drop_empty)
-            source = {"source_store": str(data.resolve()), "dataset": ds.attrs.get("dataset")}
-            write_patches(result, out, overwrite=overwrite, source_attrs=source)
+            cut_patches(ds["images"], layout, out, source_store=data, overwrite=overwrite)
     written = open_dataset(out)["patches"]
     click.echo(f"{out.resolve()}: patches {dict(written.sizes)} float32")
-
-
-def _check_patch_store(out: Path, size: int, stride: int, pad: int, drop_empty: bool) -> None:
-    existing = open_dataset(out)
-    if "patches" not in existing:
-        raise StoreError(f"{out}: exists and is not a patch store; choose another --out")
-    want = {"patch_size": size, "stride": stride, "pad": pad, "drop_empty": int(drop_empty)}
-    have = {key: existing.attrs.get(key) for key in want}
-    if have != want:
-        raise StoreError(f"{out}: holds patches {have}, not {want}; pass --overwrite to redo")
 
 
 @main.command()
 @click.argument("job_file", type=click.Path(path_type=Path))
 @scheduler_option
-@click.option("--resume", is_flag=True, help="Continue an interrupted job in its results store.")
-@click.option("--dry-run", is_flag=True, help="Validate the job and print its plan; run nothing.")
+@click.option(
+    "--fresh", is_flag=True, help="Delete the job's results store first and compute every run."
+)
+@click.option(
+    "--resume", is_flag=True, help="Require the job's results store to exist (to continue it)."
+)
+@click.option("--dry-run", is_flag=True, help="Check the job and print what it would do.")
 @click.option(
     "--performance-report",
     type=click.Path(path_type=Path),
@@ -213,77 +241,131 @@ def _check_patch_store(out: Path, size: int, stride: int, pad: int, drop_empty: 
 def run(
     job_file: Path,
     scheduler: str | None,
+    fresh: bool,
     resume: bool,
     dry_run: bool,
     performance_report: Path | None,
 ) -> None:
-    """Run the job described by JOB_FILE (YAML)."""
+    """Run the job described by JOB_FILE (YAML).
+
+    Runs already complete in the results store are kept; a run whose inputs or parameters
+    changed is computed again; an interrupted run continues from its last checkpoint.
+    """
     from dkm.jobs import load_job
-    from dkm.results.store import run_name
+    from dkm.runner import plan_job, run_job
 
     spec = load_job(job_file)
+    if fresh and resume:
+        raise click.UsageError("--fresh and --resume contradict each other; give one")
     if dry_run:
-        click.echo(f"job {spec.name!r} is valid")
-        click.echo(f"data:     {spec.data.dataset} -> {spec.data.store}")
-        click.echo(
-            f"features: {spec.features.kind}"
-            + (
-                f" {spec.features.size}x{spec.features.size} stride "
-                f"{spec.features.stride or spec.features.size} pad {spec.features.pad}"
-                if spec.features.kind == "patches"
-                else ""
-            )
+        _print_plan(plan_job(spec, fresh=fresh, resume=resume))
+        return
+    try:
+        outcome = run_job(
+            spec,
+            scheduler=scheduler,
+            fresh=fresh,
+            resume=resume,
+            performance_report=performance_report,
         )
-        runs = ", ".join(run_name(spec.model.algorithm, k) for k in spec.model.k)
-        click.echo(f"runs:     {runs}")
-        click.echo(f"output:   {spec.output.store}")
-        return
-    from dkm.runner import run_job
+    except KeyboardInterrupt:
+        click.echo(
+            f"dkm: interrupted; finished runs and checkpoints are kept in {spec.output.store}: "
+            f"run `dkm run {job_file}` again to continue",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    _show(outcome.store)
+    if outcome.failed:
+        lines = "; ".join(f"{r.name}: {r.error}" for r in outcome.failed)
+        raise StoreError(
+            f"{len(outcome.failed)} of {len(outcome.runs)} runs failed ({lines})",
+            remedy="fix the job and run it again: the finished runs are kept",
+        )
 
-    store = run_job(spec, scheduler=scheduler, resume=resume, performance_report=performance_report)
-    _show(store)
+
+def _print_plan(plan) -> None:
+    spec = plan.spec
+    click.echo(f"job {spec.name!r} is valid")
+    shape = plan.data_shape
+    state = "ingested" if plan.data_ready else "to ingest"
+    size = (
+        ""
+        if shape is None
+        else f", {shape.n_samples} samples {'x'.join(map(str, shape.sample_shape))}"
+    )
+    click.echo(f"data:     {spec.data.dataset} -> {spec.data.store} ({state}{size})")
+    f = spec.features
+    if f.kind == "patches":
+        layout = f.layout
+        extra = " drop empty" if layout.drop_empty else ""
+        click.echo(
+            f"features: patches {layout.size}x{layout.size} stride {layout.stride} "
+            f"pad {layout.pad}{extra}, split {f.split}"
+        )
+    else:
+        click.echo(f"features: {f.kind}, split {f.split}")
+    click.echo(f"output:   {spec.output.store}")
+    click.echo("runs:")
+    for r in plan.runs:
+        detail = f" ({r.detail})" if r.detail else ""
+        click.echo(f"  {r.name:<16} {r.action}{detail}")
 
 
-def _show(store: Path) -> None:
-    from dkm.results.store import ResultsStore
+def _results_store(path: Path):
+    from dkm.results import ResultsStore
 
-    results = ResultsStore(store)
-    if not (Path(store) / "zarr.json").is_file():
-        raise StoreError(f"{store}: not a results store")
+    kind = store_kind(path)
+    if kind != "results":
+        raise StoreError(
+            f"{path}: a {kind} store, not a results store; `dkm info {path}` describes it"
+        )
+    return ResultsStore(path)
+
+
+def _show(path: Path) -> None:
+    results = _results_store(path)
     attrs = results.attrs
-    click.echo(
-        f"{Path(store).resolve()}: job {attrs.get('job', {}).get('name')!r}, "
-        f"status {attrs.get('status')}"
-    )
-    runs = sorted(
-        results.completed_runs(), key=lambda n: (n.rsplit("-k", 1)[0], int(n.rsplit("-k", 1)[1]))
-    )
+    job = attrs.get("job") or {}
+    click.echo(f"{Path(path).resolve()}: job {job.get('name')!r}, status {results.status()}")
+    runs = results.runs()
     if not runs:
-        click.echo("no complete runs")
+        click.echo("no runs")
         return
-    metric_names = sorted(results.read_run(runs[0]).attrs.get("metrics", {}))
-    header = ["run", "k", "iter", *metric_names, "seconds"]
-    rows = []
-    for name in runs:
-        a = results.read_run(name).attrs
+    metric_names = sorted({m for r in runs for m in r.attrs.get("metrics", {})})
+    header = ["run", "k", "status", "iter", *metric_names, "seconds"]
+    rows, notes = [], []
+    for r in runs:
+        metrics = r.attrs.get("metrics", {})
         rows.append(
             [
-                name,
-                str(a["k"]),
-                str(a["n_iter"]),
-                *(f"{a['metrics'].get(m, float('nan')):.6g}" for m in metric_names),
-                f"{a.get('seconds', float('nan')):.1f}",
+                r.name,
+                str(r.k) if r.k >= 0 else "?",
+                r.status,
+                str(r.attrs.get("n_iter", "")),
+                *(f"{metrics[m]:.6g}" if metrics.get(m) is not None else "" for m in metric_names),
+                f"{r.attrs['seconds']:.1f}" if "seconds" in r.attrs else "",
             ]
         )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        if r.status == "failed":
+            notes.append(f"{r.name} failed: {r.attrs.get('error', '')}")
+        elif r.status == "damaged":
+            notes.append(f"{r.name} damaged: {r.problem}")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-    sweep = Path(store) / "sweep" / "zarr.json"
-    if sweep.is_file():
-        import json
-
-        knee = json.loads(sweep.read_text())["attributes"].get("elbow_k", -1)
+    for note in notes:
+        click.echo(note)
+    sweep = results.read_sweep()
+    if sweep is not None:
+        knee = int(sweep.attrs.get("elbow_k", -1))
         click.echo(f"elbow: k={knee}" if knee > 0 else "elbow: none found")
+    damaged = [r.name for r in runs if r.status == "damaged"]
+    if damaged:
+        raise StoreError(
+            f"{path}: {len(damaged)} damaged run(s): {', '.join(damaged)}",
+            remedy="run the job again to compute them anew",
+        )
 
 
 @main.command()
@@ -305,8 +387,9 @@ def show(store: Path) -> None:
 @_user_errors
 def report(store: Path, out: Path | None) -> None:
     """Write PNG figures and an HTML page for a results STORE."""
-    from dkm.report.html import write_report
+    from dkm.report import write_report
 
+    _results_store(store)
     click.echo(str(write_report(store, out).resolve()))
 
 
@@ -314,8 +397,11 @@ def report(store: Path, out: Path | None) -> None:
 @click.argument("store", type=click.Path(path_type=Path))
 @_user_errors
 def info(store: Path) -> None:
-    """Describe a dataset or patch store."""
-    click.echo(open_dataset(store))
+    """Describe a dataset, patch or results store."""
+    if store_kind(store) == "results":
+        _show(store)
+    else:
+        click.echo(open_dataset(store))
 
 
 if __name__ == "__main__":  # pragma: no cover

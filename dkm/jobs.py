@@ -2,22 +2,27 @@
 
 A job says data -> features -> model -> evaluation -> output (and optionally which cluster).
 Everything is checked before anything runs; every problem is reported with the dotted key it
-concerns and what was expected, all of them at once. Relative paths are taken relative to the
-directory the job is run from.
+concerns and what was expected, all of them at once. The rules come from their owners: the
+dataset catalog (``data.options``), :class:`~dkm.features.PatchLayout` (``features``), the
+algorithm registry and each estimator's parameter table (``model``), and the metric registry
+(``evaluate``). Relative paths are taken relative to the directory the job is run from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+
+from dkm import algorithms, evaluate
+from dkm._validation import Interval, Options, describe, problems, short_repr
+from dkm.data import catalog
+from dkm.features import FEATURE_KINDS, SPLITS, PatchLayout
 
 __all__ = [
     "ClusterSpec",
@@ -27,27 +32,16 @@ __all__ = [
     "JobSpecError",
     "ModelSpec",
     "OutputSpec",
+    "check_against_data",
     "load_job",
     "parse_job",
 ]
 
-ALGORITHMS = ("lloyd", "minibatch")
-INITS = ("k-means||", "k-means++", "random", "sample")
-EMPTY_POLICIES = ("farthest", "random-point", "zero", "keep")
-METRICS = (
-    "inertia",
-    "reconstruction_error",
-    "accuracy",
-    "one_to_one_accuracy",
-    "nmi",
-    "homogeneity",
-)
-LABEL_METRICS = ("accuracy", "one_to_one_accuracy", "nmi", "homogeneity")
 MAX_K = 16384
 
 
 class JobSpecError(ValueError):
-    """A job file is malformed; ``problems`` lists each ``(key, message)``."""
+    """A job is malformed; ``problems`` lists each ``(key, message)``."""
 
     def __init__(self, problems: list[tuple[str, str]], source: str = "job"):
         self.problems = problems
@@ -70,33 +64,47 @@ class DataSpec:
 class FeatureSpec:
     """How samples become vectors: whole images as pixels, or patches."""
 
-    kind: Literal["pixels", "patches"] = "pixels"
+    kind: str = "pixels"
     size: int | None = None
     stride: int | None = None
     pad: int = 0
     drop_empty: bool = False
     store: str | None = None
-    split: Literal["all", "train", "test"] = "all"
+    split: str = "all"
+
+    @property
+    def layout(self) -> PatchLayout | None:
+        """The patch layout (None for pixels)."""
+        if self.kind != "patches":
+            return None
+        return PatchLayout(self.size, self.stride, self.pad, self.drop_empty)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The clustering: algorithm, k (one or a sweep) and its parameters."""
+    """The clustering: an algorithm of :mod:`dkm.algorithms`, k (one or a sweep), and the
+    estimator parameters the job sets (the rest take the algorithm's job defaults)."""
 
     k: tuple[int, ...]
-    algorithm: Literal["lloyd", "minibatch"] = "lloyd"
-    init: str = "k-means||"
-    max_iter: int = 100
-    tol: float = 1e-4
-    random_state: int = 0
-    n_init: int = 1
-    empty_cluster: str = "farthest"
-    oversampling_factor: float = 2.0
-    init_max_iter: int | None = None
-    batch_size: int = 4096
-    max_no_improvement: int | None = 10
-    reassignment_ratio: float = 0.01
-    dtype: Literal["float32", "float64"] = "float32"
+    algorithm: str = "lloyd"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def entry(self) -> algorithms.Algorithm:
+        return algorithms.get(self.algorithm)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every parameter with its value, defaults included."""
+        return self.entry.params(self.params)
+
+    def __getattr__(self, name: str) -> Any:
+        # spec.model.max_iter and friends read the resolved parameters.
+        if name.startswith("_") or name in ("k", "algorithm", "params"):
+            raise AttributeError(name)
+        resolved = self.resolved()
+        if name in resolved:
+            return resolved[name]
+        raise AttributeError(f"{self.algorithm} has no parameter {name!r}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,7 @@ class ClusterSpec:
     address: str | None = None
     n_workers: int | None = None
     threads_per_worker: int | None = None
-    memory_limit: str | None = None
+    memory_limit: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,11 @@ class JobSpec:
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form (what the results store records)."""
-        return _plain(dataclasses.asdict(self))
+        """Plain JSON-able form (what the results store records, and parse_job reads)."""
+        out = _plain(dataclasses.asdict(self))
+        model = out.pop("model")
+        out["model"] = {"algorithm": model["algorithm"], "k": model["k"], **model["params"]}
+        return out
 
 
 def _plain(value: Any) -> Any:
@@ -144,147 +155,184 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# ----------------------------------------------------------------------------- checking
+# ----------------------------------------------------------------------------- section rules
+
+_SECTION_RULES: dict[str, dict[str, list]] = {
+    "data": {
+        "dataset": [Options(*catalog.DATASETS)],
+        "store": ["string"],
+        "source": ["string", None],
+        "options": ["mapping"],
+    },
+    "features": {
+        "kind": [Options(*FEATURE_KINDS)],
+        **PatchLayout.RULES,
+        "size": [Interval(int, 1), None],
+        "store": ["string", None],
+        "split": [Options(*SPLITS)],
+    },
+    "output": {
+        "store": ["string"],
+        "labels": ["boolean"],
+        "report": ["boolean"],
+        "checkpoint_every": [Interval(int, 1)],
+    },
+    "cluster": {
+        "address": ["string", None],
+        "n_workers": [Interval(int, 1), None],
+        "threads_per_worker": [Interval(int, 1), None],
+        "memory_limit": ["string", Interval(int, 1), None],
+    },
+}
+_REQUIRED = {"data": ("dataset", "store"), "output": ("store",)}
+_SECTIONS = ("name", "data", "features", "model", "evaluate", "output", "cluster")
 
 
-class _Checker:
-    """Collects every problem instead of stopping at the first."""
-
-    def __init__(self) -> None:
-        self.problems: list[tuple[str, str]] = []
-
-    def fail(self, key: str, message: str) -> None:
-        self.problems.append((key, message))
+class _Problems(list):
+    def add(self, key: str, message: str) -> None:
+        self.append((key, message))
 
 
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (types.UnionType, typing.Union):
-        parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(parts) + " or null"
-    if origin is dict:
-        return "a mapping"
-    if origin is tuple:
-        return "a list"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, str(tp)
-    )
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (types.UnionType, typing.Union):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    return True  # composite fields are checked by their own rules
-
-
-def _section(check: _Checker, cls: type, raw: Any, key: str, special=()) -> dict[str, Any]:
-    """Type-check one mapping against a dataclass; returns the accepted fields."""
+def _section(found: _Problems, raw: Any, name: str) -> dict[str, Any]:
+    """Check one mapping section against its rules; returns the accepted keys."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        check.fail(key, f"expected a mapping, got {type(raw).__name__}")
+        found.add(name, f"expected a mapping, got {type(raw).__name__}")
         return {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    out: dict[str, Any] = {}
-    for name in raw:
-        if name not in fields:
-            known = ", ".join(fields)
-            check.fail(f"{key}.{name}", f"unknown key (expected one of: {known})")
-    for name, f in fields.items():
-        where = f"{key}.{name}"
-        if name not in raw:
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required:
-                check.fail(where, "required key is missing")
-            continue
-        value = raw[name]
-        if name in special:
-            out[name] = value
-        elif not _matches(value, hints[name]):
-            check.fail(where, f"expected {_describe(hints[name])}, got {value!r}")
-        else:
-            out[name] = float(value) if hints[name] is float else value
-    return out
+    rules = _SECTION_RULES[name]
+    for key in _REQUIRED.get(name, ()):
+        if key not in raw:
+            found.add(f"{name}.{key}", "required key is missing")
+    bad = problems(raw, rules)
+    for key, message in bad:
+        if message.startswith("unknown parameter"):
+            message = f"unknown key (expected one of: {', '.join(rules)})"
+        found.add(f"{name}.{key}", message)
+    bad_keys = {key for key, _ in bad}
+    return {k: v for k, v in raw.items() if k not in bad_keys}
 
 
-def _at_least(check: _Checker, where: str, value: Any, low: float) -> None:
-    if value is not None and value < low:
-        check.fail(where, f"must be >= {low:g}, got {value!r}")
-
-
-def expand_k(check: _Checker, raw: Any, where: str = "model.k") -> tuple[int, ...]:
+def _expand_k(found: _Problems, raw: Any, where: str = "model.k") -> tuple[int, ...]:
     """An int, a list of ints, or ``{start, stop, scale: log2|linear, step}`` as a tuple."""
-    if isinstance(raw, int) and not isinstance(raw, bool):
+    is_int = Interval(int).accepts
+    if is_int(raw):
         values = [raw]
     elif isinstance(raw, list):
         if not raw:
-            check.fail(where, "empty list; give at least one k")
+            found.add(where, "empty list; give at least one k")
             return ()
-        bad = [v for v in raw if not isinstance(v, int) or isinstance(v, bool)]
+        bad = [v for v in raw if not is_int(v)]
         if bad:
-            check.fail(where, f"expected integers, got {bad!r}")
+            found.add(where, f"expected integers, got {short_repr(bad)}")
             return ()
         values = list(raw)
     elif isinstance(raw, Mapping):
-        values = _k_range(check, raw, where)
+        values = _k_range(found, raw, where)
     else:
-        check.fail(
-            where, f"expected an integer, a list of integers or {{start, stop, scale}}, got {raw!r}"
+        found.add(
+            where,
+            f"expected an integer, a list of integers or {{start, stop, scale}}, got "
+            f"{short_repr(raw)}",
         )
         return ()
     for v in values:
         if v < 1:
-            check.fail(where, f"k must be >= 1, got {v}")
+            found.add(where, f"k must be >= 1, got {v}")
         elif v > MAX_K:
-            check.fail(where, f"k must be <= {MAX_K}, got {v}")
+            found.add(where, f"k must be <= {MAX_K}, got {v}")
     if len(set(values)) != len(values):
-        check.fail(where, f"repeated k values in {values}")
+        found.add(where, f"repeated k values in {short_repr(values)}")
     return tuple(values)
 
 
-def _k_range(check: _Checker, raw: Mapping, where: str) -> list[int]:
+def _k_range(found: _Problems, raw: Mapping, where: str) -> list[int]:
     unknown = set(raw) - {"start", "stop", "scale", "step"}
     if unknown:
-        check.fail(where, f"unknown keys {sorted(unknown)} (expected start, stop, scale, step)")
+        found.add(
+            where, f"unknown keys {sorted(map(str, unknown))} (expected start, stop, scale, step)"
+        )
     start, stop = raw.get("start"), raw.get("stop")
     scale, step = raw.get("scale", "log2"), raw.get("step")
-    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, stop))
-    if not ints:
-        check.fail(where, f"start and stop must be integers, got {start!r} and {stop!r}")
+    is_int = Interval(int).accepts
+    if not (is_int(start) and is_int(stop)):
+        found.add(
+            where,
+            f"start and stop must be integers, got {short_repr(start)} and {short_repr(stop)}",
+        )
         return []
     if start < 1 or stop < start:
-        check.fail(where, f"need 1 <= start <= stop, got start={start}, stop={stop}")
+        found.add(where, f"need 1 <= start <= stop, got start={start}, stop={stop}")
+        return []
+    if stop > MAX_K:
+        found.add(where, f"k must be <= {MAX_K}, got stop={stop}")
         return []
     if scale == "log2":
         if step is not None:
-            check.fail(where, "step goes with scale: linear")
+            found.add(where, "step goes with scale: linear")
         return [start * 2**i for i in range(int(math.log2(stop / start)) + 1)]
     if scale == "linear":
         step = 1 if step is None else step
-        if not isinstance(step, int) or step < 1:
-            check.fail(where, f"step must be an integer >= 1, got {step!r}")
+        if not is_int(step) or step < 1:
+            found.add(where, f"step must be an integer >= 1, got {short_repr(step)}")
             return []
         return list(range(start, stop + 1, step))
-    check.fail(where, f"scale must be 'log2' or 'linear', got {scale!r}")
+    found.add(where, f"scale must be 'log2' or 'linear', got {short_repr(scale)}")
     return []
+
+
+def _model(found: _Problems, raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        found.add("model", f"expected a mapping, got {type(raw).__name__}")
+        return {}
+    name = raw.get("algorithm", "lloyd")
+    if name not in algorithms.ALGORITHMS:
+        found.add(
+            "model.algorithm",
+            f"must be {describe([Options(*algorithms.ALGORITHMS)])}, got {short_repr(name)}",
+        )
+        return {}
+    entry = algorithms.get(name)
+    if "k" not in raw:
+        found.add("model.k", "required key is missing")
+    k = _expand_k(found, raw["k"]) if "k" in raw else ()
+    params = {key: v for key, v in raw.items() if key not in ("algorithm", "k")}
+    rules = entry.job_rules()
+    for key, message in problems(params, rules):
+        if message.startswith("unknown parameter"):
+            message = (
+                f"unknown key for algorithm {name!r} "
+                f"(expected one of: algorithm, k, {', '.join(rules)})"
+            )
+        found.add(f"model.{key}", message)
+    return {"algorithm": name, "k": k, "params": dict(params)}
+
+
+def _features_problems(found: _Problems, features: dict[str, Any]) -> None:
+    if features.get("kind") == "patches":
+        if features.get("size") is None:
+            found.add("features.size", "required when kind is patches")
+    elif any(features.get(key) for key in ("size", "stride", "pad", "drop_empty")):
+        found.add("features.kind", "size/stride/pad/drop_empty need kind: patches")
+
+
+def _evaluate(found: _Problems, raw: Any, kind: str) -> tuple[str, ...]:
+    names = [raw] if isinstance(raw, str) else raw
+    if not isinstance(names, list) or not all(isinstance(m, str) for m in names):
+        found.add("evaluate", f"expected a list of metric names, got {short_repr(raw)}")
+        return ()
+    for metric in names:
+        info = evaluate.METRICS.get(metric)
+        if info is None:
+            found.add(
+                "evaluate",
+                f"unknown metric {metric!r} (expected: {', '.join(evaluate.METRICS)})",
+            )
+        elif info.needs_labels and kind == "patches":
+            found.add("evaluate", f"{metric} compares sample labels; patches have none")
+        elif info.needs_patches and kind != "patches":
+            found.add("evaluate", f"{metric} needs features.kind: patches")
+    return tuple(dict.fromkeys(names))
 
 
 def parse_job(raw: Any, source: str = "job") -> JobSpec:
@@ -295,104 +343,126 @@ def parse_job(raw: Any, source: str = "job") -> JobSpec:
     JobSpecError
         Listing every problem, each with the key it concerns.
     """
-    from dkm.data.catalog import DATASETS
-
-    check = _Checker()
+    found = _Problems()
     if not isinstance(raw, Mapping):
         raise JobSpecError(
             [("(top)", f"a job is a mapping of sections, got {type(raw).__name__}")], source
         )
-    top = {f.name for f in dataclasses.fields(JobSpec)}
     for key in raw:
-        if key not in top:
-            check.fail(str(key), f"unknown section (expected one of: {', '.join(sorted(top))})")
+        if key not in _SECTIONS:
+            found.add(str(key), f"unknown section (expected one of: {', '.join(_SECTIONS)})")
     for key in ("name", "data", "model", "output"):
         if key not in raw:
-            check.fail(key, "required section is missing")
+            found.add(key, "required section is missing")
 
     name = raw.get("name", "")
     if "name" in raw and (not isinstance(name, str) or not name.strip()):
-        check.fail("name", f"expected a non-empty string, got {name!r}")
+        found.add("name", f"expected a non-empty string, got {short_repr(name)}")
 
-    data = _section(check, DataSpec, raw.get("data"), "data") if "data" in raw else {}
-    if "dataset" in data and data["dataset"] not in DATASETS:
-        check.fail(
-            "data.dataset",
-            f"unknown dataset {data['dataset']!r} (known: {', '.join(sorted(DATASETS))})",
-        )
+    data = _section(found, raw.get("data"), "data") if "data" in raw else {}
+    if "dataset" in data and isinstance(data.get("options", {}), Mapping):
+        for key, message in catalog.check_options(data["dataset"], data.get("options", {})):
+            found.add(f"data.options.{key}", message)
 
-    features = _section(check, FeatureSpec, raw.get("features"), "features")
-    if features.get("kind") == "patches":
-        if features.get("size") is None:
-            check.fail("features.size", "required when kind is patches")
-        _at_least(check, "features.size", features.get("size"), 1)
-        _at_least(check, "features.stride", features.get("stride"), 1)
-        _at_least(check, "features.pad", features.get("pad"), 0)
-    elif features.get("size") is not None or features.get("drop_empty"):
-        check.fail("features.kind", "size/stride/pad/drop_empty need kind: patches")
-
-    model = {}
-    if "model" in raw:
-        model = _section(check, ModelSpec, raw.get("model"), "model", special=("k",))
-        if "k" in model:
-            model["k"] = expand_k(check, model["k"])
-        for key, choices in (
-            ("algorithm", ALGORITHMS),
-            ("init", INITS),
-            ("empty_cluster", EMPTY_POLICIES),
-        ):
-            if key in model and model[key] not in choices:
-                check.fail(
-                    f"model.{key}",
-                    f"unknown {key} {model[key]!r} (expected one of: {', '.join(choices)})",
-                )
-        for key, low in (
-            ("max_iter", 1),
-            ("tol", 0),
-            ("n_init", 1),
-            ("batch_size", 1),
-            ("oversampling_factor", 0),
-            ("init_max_iter", 1),
-            ("max_no_improvement", 1),
-            ("reassignment_ratio", 0),
-        ):
-            _at_least(check, f"model.{key}", model.get(key), low)
-
-    evaluate = raw.get("evaluate", ["inertia"])
-    if isinstance(evaluate, str):
-        evaluate = [evaluate]
-    if not isinstance(evaluate, list) or not all(isinstance(m, str) for m in evaluate):
-        check.fail("evaluate", f"expected a list of metric names, got {evaluate!r}")
-        evaluate = []
-    for metric in evaluate:
-        if metric not in METRICS:
-            check.fail("evaluate", f"unknown metric {metric!r} (expected: {', '.join(METRICS)})")
-        elif metric in LABEL_METRICS and features.get("kind") == "patches":
-            check.fail("evaluate", f"{metric} compares sample labels; patches have none")
-        elif metric == "reconstruction_error" and features.get("kind", "pixels") != "patches":
-            check.fail("evaluate", "reconstruction_error needs features.kind: patches")
-
-    output = _section(check, OutputSpec, raw.get("output"), "output") if "output" in raw else {}
-    _at_least(check, "output.checkpoint_every", output.get("checkpoint_every"), 1)
-
-    cluster = _section(check, ClusterSpec, raw.get("cluster"), "cluster")
+    features = _section(found, raw.get("features"), "features")
+    _features_problems(found, features)
+    model = _model(found, raw["model"]) if "model" in raw else {}
+    metrics = _evaluate(found, raw.get("evaluate", ["inertia"]), features.get("kind", "pixels"))
+    output = _section(found, raw.get("output"), "output") if "output" in raw else {}
+    cluster = _section(found, raw.get("cluster"), "cluster")
     address = cluster.get("address")
     if address is not None and not address.startswith(("tcp://", "tls://", "inproc://")):
-        check.fail("cluster.address", f"expected a tcp:// or tls:// address, got {address!r}")
-    _at_least(check, "cluster.n_workers", cluster.get("n_workers"), 1)
-    _at_least(check, "cluster.threads_per_worker", cluster.get("threads_per_worker"), 1)
+        found.add("cluster.address", f"expected a tcp:// or tls:// address, got {address!r}")
+    limit = cluster.get("memory_limit")
+    if isinstance(limit, str) and limit != "auto":
+        from dask.utils import parse_bytes
 
-    if check.problems:
-        raise JobSpecError(check.problems, source)
+        try:
+            parse_bytes(limit)
+        except (ValueError, TypeError):
+            found.add(
+                "cluster.memory_limit", f"expected a size such as '4GiB' or 'auto', got {limit!r}"
+            )
+
+    if found:
+        raise JobSpecError(list(found), source)
     return JobSpec(
         name=name.strip(),
         data=DataSpec(**data),
         features=FeatureSpec(**features),
         model=ModelSpec(**model),
-        evaluate=tuple(dict.fromkeys(evaluate)),
+        evaluate=metrics,
         output=OutputSpec(**output),
         cluster=ClusterSpec(**cluster),
     )
+
+
+def check_against_data(
+    spec: JobSpec, shape: catalog.DataShape, where: str
+) -> list[tuple[str, str]]:
+    """Problems of a valid job that only the data reveals (k above the number of vectors,
+    a patch larger than the padded image, a split or labels the data lacks).
+
+    Parameters
+    ----------
+    spec : JobSpec
+    shape : DataShape
+        What the dataset store (or the catalog) says of the data.
+    where : str
+        How to name the data in messages (the dataset store path).
+    """
+    found = _Problems()
+    f = spec.features
+    n = shape.n_samples
+    if f.split != "all":
+        if shape.splits and f.split not in shape.splits:
+            found.add(
+                "features.split",
+                f"{where} has no {f.split!r} samples (it has: {', '.join(shape.splits)})",
+            )
+            return list(found)
+        n = shape.splits.get(f.split, n)
+    what, bound = "samples", ""
+    if f.kind == "patches":
+        if not shape.has_images:
+            found.add(
+                "features.kind", f"{where} holds feature vectors, not images to cut patches from"
+            )
+            return list(found)
+        layout = f.layout
+        for message in layout.image_problems(shape.sample_shape):
+            found.add("features.size", f"{message} of {where}")
+        if found:
+            return list(found)
+        n *= layout.grid(shape.sample_shape).per_image
+        what, bound = "patches", "at most " if f.drop_empty else ""
+    for k in spec.model.k:
+        if k > n:
+            found.add("model.k", f"{k} > {bound}{n} {what} in {where}")
+    if not shape.has_labels:
+        for metric in spec.evaluate:
+            if evaluate.METRICS[metric].needs_labels:
+                found.add("evaluate", f"{metric} needs labels; {where} has none")
+    return list(found)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -406,12 +476,11 @@ def load_job(path: str | Path) -> JobSpec:
     path = Path(path)
     try:
         text = path.read_text()
-    except OSError as err:
-        raise JobSpecError(
-            [("(file)", f"cannot read the job file ({err.strerror})")], str(path)
-        ) from err
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or "not a text file"
+        raise JobSpecError([("(file)", f"cannot read the job file ({reason})")], str(path)) from err
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"

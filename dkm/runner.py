@@ -1,181 +1,198 @@
-"""Running a job: data -> features -> one run per k -> metrics -> results store -> report.
+"""Running a job: plan -> connect -> data -> features -> one run per k -> metrics -> results.
 
-Every step that already has a complete output is reused (ingested data, extracted patches,
-finished runs of a sweep), so ``--resume`` after a crash redoes only what was lost: the run
-that was interrupted restarts from its last checkpoint.
+A run's identity is what determines its result: the features (the dataset store and patch
+store it reads, the layout, the split), the algorithm and all its parameters, and k. Running a
+job again reuses every complete run whose identity is unchanged (adding only metrics or
+labels the job now asks for), recomputes runs whose inputs changed, retries failed ones, and
+continues interrupted ones from their last checkpoint. A run that fails is recorded with its
+error and the others still run. Everything that can be checked without a cluster is checked
+first by :func:`plan_job`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xarray as xr
 
-from dkm.data.catalog import ingest
-from dkm.data.store import is_complete, open_dataset
-from dkm.evaluate import labels as evaluate
-from dkm.features.patches import extract_patches, write_patches
-from dkm.jobs import JobSpec, ModelSpec
-from dkm.results.store import Checkpoint, ResultsStore, run_name
-from dkm.results.sweep import sweep_table
+from dkm import evaluate
+from dkm._parallel.base import FitState
+from dkm.data import catalog
+from dkm.data.store import StoreError
+from dkm.features import Features, build_features, features_identity
+from dkm.jobs import JobSpec, JobSpecError, check_against_data
+from dkm.results import ResultsStore, load_model, run_name, sweep_table
+from dkm.results.attrs import COMPLETE, FAILED, INTERRUPTED
 from dkm.runtime import connect
 
-__all__ = ["Features", "prepare_features", "run_job"]
+__all__ = ["JobOutcome", "Plan", "PlannedRun", "plan_job", "run_id", "run_job"]
 
 log = logging.getLogger("dkm")
 
 
-@dataclass
-class Features:
-    """The matrix to cluster, with what the results need to know about it."""
-
-    X: xr.DataArray
-    labels: Any  # dask array of sample labels, or None
-    tile_shape: tuple[int, ...]
-    store: Path | None
-    attrs: dict[str, Any]
+# ----------------------------------------------------------------------------- identity
 
 
-def _split_index(ds: xr.Dataset, split: str) -> np.ndarray | None:
-    if split == "all":
-        return None
-    if "split" not in ds:
-        raise ValueError(f"features.split is {split!r} but the dataset has no split variable")
-    index = np.flatnonzero(ds["split"].values == split)
-    if index.size == 0:
-        raise ValueError(f"features.split is {split!r} but the dataset has no such samples")
-    return index
-
-
-def _patch_store_path(spec: JobSpec) -> Path:
-    if spec.features.store:
-        return Path(spec.features.store)
-    f = spec.features
-    stride = f.stride or f.size
-    tag = f"patches-{f.size}x{f.size}-s{stride}-p{f.pad}" + ("-nz" if f.drop_empty else "")
-    if f.split != "all":
-        tag += f"-{f.split}"
-    data = Path(spec.data.store)
-    return data.with_name(f"{data.name.removesuffix('.zarr')}-{tag}.zarr")
-
-
-def prepare_features(spec: JobSpec) -> Features:
-    """Ingest the dataset and cut patches if their stores are missing; open the features.
-
-    Must run with a Dask client active: patch extraction runs on the cluster.
-    """
-    data_store = ingest(
-        spec.data.dataset, spec.data.store, source=spec.data.source, **spec.data.options
-    )
-    ds = open_dataset(data_store)
-    if "images" not in ds:  # a feature dataset such as synthetic blobs
-        if spec.features.kind == "patches":
-            raise ValueError(f"dataset {spec.data.dataset!r} has no images to cut patches from")
-        X = ds["features"]
-        return Features(X, ds.get("label"), (X.sizes["feature"],), Path(data_store), {})
-
-    index = _split_index(ds, spec.features.split)
-    images = ds["images"] if index is None else ds["images"].isel(sample=index)
-    image_shape = tuple(images.shape[1:])
-    if spec.features.kind == "pixels":
-        n = images.sizes["sample"]
-        flat = images.data.reshape(n, -1).astype(np.float32) / np.float32(255)
-        X = xr.DataArray(flat, dims=("sample", "feature"), name="pixels")
-        labels = None
-        if "label" in ds:
-            labels = (ds["label"] if index is None else ds["label"].isel(sample=index)).data
-        attrs = {"kind": "pixels", "image_shape": list(image_shape)}
-        return Features(X, labels, image_shape, None, attrs)
-
-    f = spec.features
-    path = _patch_store_path(spec)
-    if is_complete(path):
-        log.info("%s: reusing extracted patches", path)
-    else:
-        patches = extract_patches(images, f.size, f.stride, f.pad, f.drop_empty)
-        write_patches(
-            patches,
-            path,
-            overwrite=path.exists(),
-            source_attrs={"source_store": str(Path(data_store).resolve())},
-        )
-        log.info("%s: wrote %d patches", path, patches.sizes["patch"])
-    X = open_dataset(path)["patches"]
-    want = {
-        "patch_size": f.size,
-        "stride": f.stride or f.size,
-        "pad": f.pad,
-        "drop_empty": int(f.drop_empty),
+def run_identity(spec: JobSpec, k: int, features: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines a run's result (and nothing that does not)."""
+    return {
+        "features": features,
+        "algorithm": spec.model.algorithm,
+        "k": int(k),
+        "params": spec.model.resolved(),
     }
-    have = {key: X.attrs.get(key) for key in want}
-    if have != want:
-        raise ValueError(
-            f"{path}: holds patches {have}, the job asks for {want}; "
-            "remove it or set features.store"
+
+
+def run_id(identity: dict[str, Any]) -> str:
+    """A short digest of a run identity."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class PlannedRun:
+    """What the job will do for one k: ``reuse``, ``compute``, ``resume``, ``recompute`` or
+    ``retry``, with a few words why."""
+
+    name: str
+    k: int
+    action: str
+    detail: str = ""
+
+
+@dataclass
+class Plan:
+    """What :func:`run_job` will do, decided without a cluster (``dkm run --dry-run``)."""
+
+    spec: JobSpec
+    data_shape: catalog.DataShape | None
+    data_ready: bool
+    runs: list[PlannedRun] = field(default_factory=list)
+
+
+def _data_problems(spec: JobSpec, shape: catalog.DataShape | None, where: str) -> None:
+    if shape is None:
+        return
+    found = check_against_data(spec, shape, where)
+    if found:
+        raise JobSpecError(found, where)
+
+
+def _check_data_store(spec: JobSpec) -> tuple[catalog.DataShape | None, bool]:
+    """The data's shape (from the store or the catalog) and whether the store is ready."""
+    store = Path(spec.data.store)
+    try:
+        ready = catalog.check_store(spec.data.dataset, store, spec.data.options)
+    except StoreError as err:
+        raise JobSpecError(
+            [("data.store", f"{err}; set data.store to another path")], "job"
+        ) from None
+    if ready:
+        return catalog.store_shape(store), True
+    return catalog.known_shape(spec.data.dataset, spec.data.options), False
+
+
+def plan_job(spec: JobSpec, *, fresh: bool = False, resume: bool = False) -> Plan:
+    """Check the job against its data and its results store, and say what each run will do.
+
+    Nothing is computed and no cluster is started.
+
+    Raises
+    ------
+    JobSpecError
+        A problem only the data or the stores reveal, named by the job key that fixes it.
+    """
+    results = ResultsStore(spec.output.store)
+    try:
+        results.check()
+    except StoreError as err:
+        raise JobSpecError([("output.store", f"{err}; choose another path")], "job") from None
+    if resume and not results.exists():
+        raise JobSpecError(
+            [
+                (
+                    "output.store",
+                    f"nothing to resume: {results.path} does not exist; run the job without "
+                    "--resume to start it",
+                )
+            ],
+            "job",
         )
-    channels = image_shape[2] if len(image_shape) == 3 else 0
-    tile = (f.size, f.size, channels) if channels else (f.size, f.size)
-    attrs = {"kind": "patches", "image_shape": list(image_shape), **want}
-    return Features(X, None, tile, path, attrs)
-
-
-def _estimator(model: ModelSpec, k: int):
-    from dkm.kmeans import KMeans, MiniBatchKMeans
-
-    common = dict(
-        n_clusters=k,
-        init=model.init,
-        max_iter=model.max_iter,
-        tol=model.tol,
-        random_state=model.random_state,
-        n_init=model.n_init,
-        dtype=np.dtype(model.dtype),
-    )
-    if model.algorithm == "lloyd":
-        return KMeans(
-            **common,
-            empty_cluster=model.empty_cluster,
-            oversampling_factor=model.oversampling_factor,
-            init_max_iter=model.init_max_iter,
+    shape, ready = _check_data_store(spec)
+    _data_problems(spec, shape, spec.data.store)
+    plan = Plan(spec, shape, ready)
+    identity = None
+    if ready:
+        f = spec.features
+        identity = features_identity(
+            spec.data.store, kind=f.kind, layout=f.layout, split=f.split, store=f.store
         )
-    return MiniBatchKMeans(
-        **common,
-        batch_size=model.batch_size,
-        max_no_improvement=model.max_no_improvement,
-        reassignment_ratio=model.reassignment_ratio,
-    )
+    for k in spec.model.k:
+        plan.runs.append(_plan_run(spec, k, identity, results, fresh))
+    return plan
 
 
-def _metrics(spec: JobSpec, est, features: Features) -> dict[str, float]:
-    n, d = features.X.shape
-    out: dict[str, float] = {}
-    wanted = set(spec.evaluate)
-    if "reconstruction_error" in wanted:
-        out["reconstruction_error"] = evaluate.reconstruction_rmse(est.inertia_, n, d)
-    label_metrics = wanted & {"accuracy", "one_to_one_accuracy", "nmi", "homogeneity"}
-    if label_metrics:
-        if features.labels is None:
-            raise ValueError(
-                f"{sorted(label_metrics)} need labels; dataset {spec.data.dataset!r} has none"
-            )
-        table = evaluate.contingency(features.labels, est.labels_, est.n_clusters)
-        scores = {
-            "accuracy": evaluate.majority_accuracy,
-            "nmi": evaluate.nmi,
-            "one_to_one_accuracy": evaluate.one_to_one_accuracy,
-            "homogeneity": evaluate.homogeneity,
-        }
-        out.update({m: scores[m](table) for m in sorted(label_metrics)})
-    return out
+def _plan_run(
+    spec: JobSpec, k: int, features: dict | None, results: ResultsStore, fresh: bool
+) -> PlannedRun:
+    name = run_name(spec.model.algorithm, k)
+    info = None if fresh or not results.exists() else results.run_info(name)
+    wanted = None if features is None else run_id(run_identity(spec, k, features))
+    if info is None:
+        checkpoint = None
+        if wanted is not None and results.exists() and not fresh:
+            checkpoint = results.read_checkpoint(name, wanted)
+        if checkpoint is not None:
+            return PlannedRun(name, k, "resume", f"from iteration {checkpoint.iteration}")
+        return PlannedRun(name, k, "compute")
+    if info.status == COMPLETE and wanted is not None and info.run_id == wanted:
+        return PlannedRun(name, k, "reuse")
+    if info.status == COMPLETE:
+        why = (
+            "its features are not cut yet" if wanted is None else "its inputs or parameters changed"
+        )
+        return PlannedRun(name, k, "recompute", why)
+    if info.status == FAILED:
+        return PlannedRun(name, k, "retry", f"failed: {info.attrs.get('error', '')}")
+    return PlannedRun(name, k, "compute", info.status)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class RunOutcome:
+    name: str
+    k: int
+    status: str  # "reused", "computed", "failed"
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class JobOutcome:
+    """How a job ended: its results store, status and what happened to each run."""
+
+    store: Path
+    status: str
+    runs: list[RunOutcome]
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [r for r in self.runs if r.status == "failed"]
 
 
 class _Progress:
@@ -186,11 +203,13 @@ class _Progress:
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
 
-    def __call__(self, iteration: int, inertia: float, shift: float) -> None:
-        if self.live:
+    def __call__(self, state: FitState) -> None:
+        if self.live and state.iteration > 0:
+            hist = state.history
             self.stream.write(
-                f"\r{self.name}: iteration {iteration}/{self.total} "
-                f"inertia {inertia:.6g} shift {shift:.3g}   "
+                f"\r{self.name}: start {state.start + 1} iteration {state.iteration}/{self.total} "
+                f"inertia {float(hist['inertia'][-1]):.6g} "
+                f"shift {float(hist['center_shift'][-1]):.3g}   "
             )
             self.stream.flush()
 
@@ -199,70 +218,137 @@ class _Progress:
             self.stream.write("\n")
 
 
-def _fit_run(spec: JobSpec, k: int, features: Features, results: ResultsStore, resume: bool):
-    name = run_name(spec.model.algorithm, k)
-    est = _estimator(spec.model, k)
-    checkpoint = results.read_checkpoint(name) if resume else None
-    if checkpoint is not None:
-        log.info("%s: resuming from the checkpoint at iteration %d", name, checkpoint.iteration)
-    progress = _Progress(name, spec.model.max_iter)
-    every = spec.output.checkpoint_every
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, ValueError | StoreError | OSError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
 
-    def on_iteration(state: dict[str, Any]) -> None:
-        hist = state["history"]
-        progress(state["iteration"], hist["inertia"].values[-1], hist["center_shift"].values[-1])
-        if state["iteration"] % every == 0:
-            results.write_checkpoint(
+
+def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, float]:
+    n, d = features.X.shape
+    labels_pred = None
+    if any(evaluate.METRICS[m].needs_labels for m in names):
+        labels_pred = getattr(est, "labels_", None)
+        if labels_pred is None:
+            labels_pred = est.predict(features.X)
+    return evaluate.compute_metrics(
+        names,
+        inertia=float(est.inertia_),
+        n_samples=n,
+        n_features=d,
+        labels_true=features.labels,
+        labels_pred=labels_pred,
+        n_clusters=est.n_clusters,
+    )
+
+
+class _JobRunner:
+    """The loop over a job's runs, on a connected cluster."""
+
+    def __init__(self, spec: JobSpec, features: Features, results: ResultsStore):
+        self.spec, self.features, self.results = spec, features, results
+
+    def run(self, k: int) -> RunOutcome:
+        spec = self.spec
+        name = run_name(spec.model.algorithm, k)
+        identity = run_identity(spec, k, self.features.identity)
+        rid = run_id(identity)
+        info = self.results.run_info(name)
+        if info is not None and info.status == COMPLETE and info.run_id == rid:
+            return self._complete(name, k, info.attrs)
+        try:
+            metrics = self._fit(name, k, identity, rid)
+        except Exception as err:  # the run fails; the job goes on with the others
+            log.debug("%s failed", name, exc_info=True)
+            log.error("%s: failed: %s", name, _error_text(err))
+            attrs = {"algorithm": spec.model.algorithm, "k": k, "identity": identity, "run_id": rid}
+            self.results.write_failed_run(name, attrs, _error_text(err))
+            return RunOutcome(name, k, "failed", error=_error_text(err))
+        return RunOutcome(name, k, "computed", metrics)
+
+    def _complete(self, name: str, k: int, attrs: dict[str, Any]) -> RunOutcome:
+        """A reused run: add the metrics and labels the job asks for now and it lacks."""
+        metrics = dict(attrs.get("metrics", {}))
+        missing = [m for m in self.spec.evaluate if m not in metrics]
+        want_labels = self.spec.output.labels and "labels" not in attrs.get("variables", [])
+        if missing or want_labels:
+            est = load_model(self.results.path, name)
+            added = {}
+            if want_labels:
+                est.labels_ = est.predict(self._input())
+                added["labels"] = (("sample",), est.labels_)
+            metrics.update(_run_metrics(self.spec, est, self.features, missing))
+            self.results.add_to_run(name, {"metrics": metrics}, added or None)
+            log.info("%s: kept; added %s", name, ", ".join([*missing, *added]))
+        else:
+            log.info("%s: already complete, kept", name)
+        return RunOutcome(name, k, "reused", metrics)
+
+    def _input(self):
+        # A stored feature matrix goes in by path, so an estimator can stream it from Zarr
+        # when it does not fit in cluster memory instead of persisting it.
+        if self.features.store is not None:
+            return str(self.features.store)
+        return self.features.X
+
+    def _fit(self, name: str, k: int, identity: dict, rid: str) -> dict[str, float]:
+        spec = self.spec
+        entry = spec.model.entry
+        runner_params = {"variable": self.features.X.name} if self.features.store else {}
+        est = entry.make(k, spec.model.params, **runner_params)
+        checkpoint = self.results.read_checkpoint(name, rid) if entry.checkpoints else None
+        if checkpoint is not None:
+            log.info(
+                "%s: resuming from the checkpoint at start %d, iteration %d",
                 name,
-                Checkpoint(
-                    iteration=state["iteration"],
-                    centroids=state["centers"],
-                    history=hist,
-                    state=state.get("state", {}),
-                    arrays=state.get("arrays", {}),
-                ),
+                checkpoint.start + 1,
+                checkpoint.iteration,
             )
+        progress = _Progress(name, int(spec.model.resolved().get("max_iter", 0)))
+        every = spec.output.checkpoint_every
 
-    resume_from = None
-    if checkpoint is not None:
-        resume_from = {
-            "iteration": checkpoint.iteration,
-            "centers": checkpoint.centroids,
-            "history": checkpoint.history,
-            "state": checkpoint.state,
-            "arrays": checkpoint.arrays,
+        def on_state(state: FitState) -> None:
+            progress(state)
+            if state.iteration % every == 0 or state.info.get("stopped"):
+                self.results.write_checkpoint(name, state, rid)
+
+        start = time.perf_counter()
+        try:
+            if entry.checkpoints:
+                est.fit(self._input(), callback=on_state, resume_from=checkpoint)
+            else:  # not checkpointed: an interrupted run is redone (same seed, same result)
+                est.fit(self._input())
+        finally:
+            progress.close()
+        seconds = time.perf_counter() - start
+        metrics = {"inertia": float(est.inertia_)}
+        metrics.update(_run_metrics(spec, est, self.features, spec.evaluate))
+        attrs = {
+            "algorithm": spec.model.algorithm,
+            "k": k,
+            "params": spec.model.resolved(),
+            "identity": identity,
+            "run_id": rid,
+            "inertia": float(est.inertia_),
+            "n_iter": int(est.n_iter_),
+            "metrics": metrics,
+            "seconds": seconds,
+            "resumed_from_iteration": -1 if checkpoint is None else checkpoint.iteration,
+            "features": self.features.attrs,
+            "history_attrs": dict(est.history_.attrs),
         }
-    # A stored feature matrix goes in by path, so the estimator can stream it from Zarr when it
-    # does not fit in cluster memory instead of persisting it.
-    data = features.X
-    if features.store is not None:
-        data = str(features.store)
-        est.set_params(variable=features.X.name)
-    start = time.perf_counter()
-    try:
-        if spec.model.algorithm == "lloyd":
-            est.fit(data, callback=on_iteration, resume_from=resume_from)
-        else:  # mini-batch runs are not checkpointed: a resumed job redoes them (same seed)
-            est.fit(data)
-    finally:
-        progress.close()
-    seconds = time.perf_counter() - start
-    metrics = {"inertia": float(est.inertia_), **_metrics(spec, est, features)}
-    attrs = {
-        "algorithm": spec.model.algorithm,
-        "k": k,
-        "inertia": float(est.inertia_),
-        "n_iter": int(est.n_iter_),
-        "metrics": metrics,
-        "seconds": seconds,
-        "resumed_from_iteration": checkpoint.iteration if checkpoint else -1,
-        "history_attrs": dict(est.history_.attrs),
-    }
-    labels = est.labels_ if spec.output.labels else None
-    results.write_run(name, est.cluster_centers_, est.history_, attrs, labels=labels)
-    results.drop_checkpoints(name)
-    log.info("%s: %d iterations, inertia %.6g, %.1f s", name, est.n_iter_, est.inertia_, seconds)
-    return metrics
+        variables = {
+            "centroids": (("cluster", "feature"), est.cluster_centers_),
+            "x_mean": (("feature",), np.asarray(est._x_mean)),
+        }
+        if spec.output.labels:
+            variables["labels"] = (("sample",), est.labels_)
+        self.results.write_run(name, variables, est.history_, attrs)
+        self.results.drop_checkpoints(name)
+        log.info(
+            "%s: %d iterations, inertia %.6g, %.1f s", name, est.n_iter_, est.inertia_, seconds
+        )
+        return metrics
 
 
 def _versions() -> dict[str, str]:
@@ -276,32 +362,70 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _prepare(spec: JobSpec) -> tuple[Path, Features]:
+    """Ingest the dataset if needed and build the features, errors named by job key."""
+    try:
+        data_store = catalog.ingest(
+            spec.data.dataset, spec.data.store, source=spec.data.source, **spec.data.options
+        )
+    except StoreError as err:
+        raise JobSpecError(
+            [("data.store", f"{err}; set data.store to another path")], "job"
+        ) from None
+    _data_problems(spec, catalog.store_shape(data_store), spec.data.store)
+    f = spec.features
+    try:
+        features = build_features(
+            data_store, kind=f.kind, layout=f.layout, split=f.split, store=f.store
+        )
+    except StoreError as err:
+        key = "features.store" if f.store else "features"
+        raise JobSpecError([(key, f"{err}; set features.store to another path")], "job") from None
+    return data_store, features
+
+
 def run_job(
     spec: JobSpec,
     *,
     scheduler: str | None = None,
+    fresh: bool = False,
     resume: bool = False,
     performance_report: str | os.PathLike | None = None,
-) -> Path:
-    """Run a validated job and return its results store.
+) -> JobOutcome:
+    """Run a validated job; return how it ended.
 
     Parameters
     ----------
     spec : JobSpec
         The job (see :func:`dkm.jobs.load_job`).
     scheduler : str, optional
-        Scheduler address; overrides the job's ``cluster.address``. Without either, dkm
-        starts a LocalCluster shaped by ``cluster``.
+        Scheduler address; see :func:`dkm.runtime.resolve_address` for the precedence over
+        ``$DKM_SCHEDULER`` and the job's ``cluster.address``. Without any, dkm starts a
+        LocalCluster shaped by ``cluster``.
+    fresh : bool, default False
+        Delete the job's results store first and compute every run again.
     resume : bool, default False
-        Continue an interrupted job in its existing results store: completed runs are kept,
-        the interrupted one restarts from its last checkpoint.
+        Require the results store to exist (continuing is what every run does anyway).
     performance_report : path-like, optional
         Write Dask's performance report (HTML) of the whole job here.
+
+    Raises
+    ------
+    JobSpecError
+        Before any cluster starts, for problems the data or the stores reveal.
+    KeyboardInterrupt
+        After recording the job as interrupted (finished runs and checkpoints are kept).
     """
+    plan_job(spec, fresh=fresh, resume=resume)
+    results = ResultsStore(spec.output.store)
+    if fresh and results.exists():
+        log.info("%s: --fresh: removing the earlier results", results.path)
+        results.remove()
     c = spec.cluster
     started = time.perf_counter()
     with connect(
-        scheduler or c.address,
+        scheduler,
+        job_address=c.address,
         n_workers=c.n_workers,
         threads_per_worker=c.threads_per_worker,
         memory_limit=c.memory_limit or "auto",
@@ -312,11 +436,9 @@ def run_job(
 
             report_ctx = dask_report(filename=str(performance_report))
         with report_ctx:
-            features = prepare_features(spec)
-            info = client.scheduler_info(n_workers=-1)
-            workers = info["workers"].values()
-            results = ResultsStore(spec.output.store)
-            results.create(
+            _, features = _prepare(spec)
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            results.start_job(
                 {
                     "job": spec.to_dict(),
                     "features": {**features.attrs, "shape": list(features.X.shape)},
@@ -327,27 +449,29 @@ def run_job(
                         "n_workers": len(workers),
                         "threads": sum(w["nthreads"] for w in workers),
                     },
-                },
-                resume=resume,
+                }
             )
-            done = results.completed_runs()
-            metrics: dict[int, dict[str, float]] = {}
-            for k in spec.model.k:
-                name = run_name(spec.model.algorithm, k)
-                if name in done:
-                    log.info("%s: already complete, kept", name)
-                    metrics[k] = dict(results.read_run(name).attrs["metrics"])
-                    continue
-                metrics[k] = _fit_run(spec, k, features, results, resume)
-            names = sorted({m for v in metrics.values() for m in v})
-            table = sweep_table(
-                list(metrics), {m: [metrics[k].get(m, np.nan) for k in metrics] for m in names}
-            )
-            results.write_sweep(table)
-            results.finish({"seconds": time.perf_counter() - started})
+            runner = _JobRunner(spec, features, results)
+            outcomes: list[RunOutcome] = []
+            try:
+                for k in spec.model.k:
+                    outcomes.append(runner.run(k))
+            except KeyboardInterrupt:
+                results.finish(INTERRUPTED, {"seconds": time.perf_counter() - started})
+                raise
+            done = [o for o in outcomes if o.status != "failed"]
+            if done:
+                names = sorted({m for o in done for m in o.metrics})
+                results.write_sweep(
+                    sweep_table(
+                        [o.k for o in done],
+                        {m: [o.metrics.get(m, np.nan) for o in done] for m in names},
+                    )
+                )
+            status = FAILED if len(done) < len(outcomes) else COMPLETE
+            results.finish(status, {"seconds": time.perf_counter() - started})
     if spec.output.report:
-        from dkm.report.html import write_report
+        from dkm.report import write_report
 
-        page = write_report(spec.output.store)
-        log.info("report: %s", page)
-    return Path(spec.output.store)
+        log.info("report: %s", write_report(spec.output.store))
+    return JobOutcome(Path(spec.output.store), status, outcomes)

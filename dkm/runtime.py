@@ -1,8 +1,9 @@
 """Getting a Dask client: a machine-sized LocalCluster by default, or a remote scheduler.
 
 The address comes from, in order: the caller (``--scheduler``), the ``DKM_SCHEDULER``
-environment variable, then dask's own ``scheduler-address`` config (``DASK_SCHEDULER_ADDRESS``).
-``tls://`` addresses use dask's security config (``distributed.comm.tls.*``).
+environment variable, the job file's ``cluster.address``, then dask's own
+``scheduler-address`` config (``DASK_SCHEDULER_ADDRESS``). ``tls://`` addresses use dask's
+security config (``distributed.comm.tls.*``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 
 import dask
 from distributed import Client, LocalCluster
+
+from dkm import config
 
 __all__ = ["SchedulerUnreachable", "connect", "default_cluster_shape", "resolve_address"]
 
@@ -48,20 +51,38 @@ def default_cluster_shape(cores: int | None = None) -> tuple[int, int]:
     return cores // threads, threads
 
 
-def resolve_address(address: str | None = None) -> str | None:
-    """The scheduler address to use, or None for a new LocalCluster."""
-    return address or os.environ.get("DKM_SCHEDULER") or dask.config.get("scheduler-address", None)
+def resolve_address(address: str | None = None, job_address: str | None = None) -> str | None:
+    """The scheduler address to use, or None for a new LocalCluster.
+
+    Precedence: ``address`` (the ``--scheduler`` flag), ``$DKM_SCHEDULER`` (an empty value
+    counts as unset), ``job_address`` (a job's ``cluster.address``), dask's
+    ``scheduler-address`` config.
+
+    Raises
+    ------
+    SchedulerUnreachable
+        ``address`` is given but empty.
+    """
+    if address is not None and not address.strip():
+        raise SchedulerUnreachable("--scheduler is empty; give a tcp:// or tls:// address")
+    return (
+        address
+        or os.environ.get("DKM_SCHEDULER")
+        or job_address
+        or dask.config.get("scheduler-address", None)
+    )
 
 
 @contextmanager
 def connect(
     address: str | None = None,
     *,
+    job_address: str | None = None,
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     memory_limit: str | int | None = "auto",
     dashboard_address: str | None = "127.0.0.1:8787",
-    timeout: float = 10.0,
+    timeout: float | None = None,
 ) -> Iterator[Client]:
     """A client for the duration of a ``with`` block.
 
@@ -69,6 +90,8 @@ def connect(
     ----------
     address : str, optional
         ``tcp://host:port`` or ``tls://host:port``; see :func:`resolve_address`.
+    job_address : str, optional
+        A job file's ``cluster.address`` (below ``$DKM_SCHEDULER`` in precedence).
     n_workers, threads_per_worker : int, optional
         Shape of the LocalCluster started when there is no address
         (default :func:`default_cluster_shape`).
@@ -77,17 +100,21 @@ def connect(
     dashboard_address : str, optional
         Where the LocalCluster serves its dashboard (another port is taken if busy); None
         turns it off. Everything binds to 127.0.0.1: a local cluster is not a network service.
-    timeout : float, default 10
-        Seconds to wait for a remote scheduler before giving up.
+    timeout : float, optional
+        Seconds to wait for a remote scheduler before giving up (default
+        ``dkm.scheduler.timeout``, 10 s).
 
     Raises
     ------
     SchedulerUnreachable
         A remote address did not answer within ``timeout``.
     """
-    address = resolve_address(address)
-    if address and address.startswith("tls://") and not dask.config.get(
-        "distributed.comm.tls.ca-file", None
+    address = resolve_address(address, job_address)
+    timeout = config.get_seconds("scheduler.timeout") if timeout is None else timeout
+    if (
+        address
+        and address.startswith("tls://")
+        and not dask.config.get("distributed.comm.tls.ca-file", None)
     ):
         raise SchedulerUnreachable(
             f"{address} is a TLS address but dask has no TLS configuration: set "

@@ -11,6 +11,8 @@ on the cluster's workers, identical for one seed whatever the chunking.
 from __future__ import annotations
 
 import gzip
+import inspect
+import os
 import pickle
 
 import dask.array as da
@@ -23,9 +25,18 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from dkm.data import catalog
-from dkm.data.catalog import DATASETS, UnknownDatasetError, ingest, load
+from dkm.data.catalog import (
+    DATASETS,
+    DataShape,
+    UnknownDatasetError,
+    check_options,
+    ingest,
+    known_shape,
+    load,
+    store_shape,
+)
 from dkm.data.readers import DataFormatError
-from dkm.data.store import StoreError, is_complete, open_dataset, write_atomic
+from dkm.data.store import StoreError, is_complete, open_dataset, read_attrs, write_atomic
 
 ALL_NAMES = [
     "cifar10",
@@ -87,7 +98,8 @@ def test_unknown_name_lists_known_names(tmp_path):
 def test_option_a_dataset_does_not_take(tmp_path):
     store = tmp_path / "d.zarr"
     with pytest.raises(
-        ValueError, match=r"dataset 'digits' does not take that option.*'grayscale'"
+        ValueError,
+        match=r"dataset 'digits': grayscale: unknown option for dataset 'digits' \(it takes no",
     ):
         ingest("digits", store, grayscale=True)
     with pytest.raises(ValueError, match="digits ships inside scikit-learn and takes no source"):
@@ -207,7 +219,7 @@ def test_complete_store_is_reused_untouched(tmp_path, make_mnist_dir):
 def test_complete_store_of_another_dataset_is_not_reused(tmp_path):
     # The no-op is for re-runs: a store holding another dataset must not pass for this one.
     store = ingest("digits", tmp_path / "d.zarr")
-    with pytest.raises(StoreError, match=r"d\.zarr.*'digits'"):
+    with pytest.raises(StoreError, match=r"d\.zarr: holds dataset 'digits', this asks 'mnist-5k'"):
         ingest("mnist-5k", store)
     assert open_dataset(store).attrs["dataset"] == "digits"
 
@@ -222,25 +234,60 @@ def test_failed_overwrite_keeps_the_old_store(tmp_path, make_mnist_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr", "src"]
 
 
-@pytest.mark.parametrize("obstacle", ["empty-dir", "file", "zarr-without-stamp"])
-def test_path_in_the_way_is_refused(tmp_path, obstacle):
-    store = tmp_path / "d.zarr"
-    if obstacle == "empty-dir":
+def _obstacle(store, kind):
+    """Put something other than a complete dataset store at ``store``."""
+    images = xr.Dataset({"images": (("sample", "y", "x"), np.zeros((2, 3, 3), np.uint8))})
+    if kind == "empty-dir":
         store.mkdir()
-    elif obstacle == "file":
+    elif kind == "file":
         store.write_text("precious")
-    else:  # a Zarr store an interrupted writer left behind: no dkm_status stamp
-        xr.Dataset({"images": (("sample", "y", "x"), np.zeros((2, 3, 3), np.uint8))}).to_zarr(
+    elif kind == "foreign-zarr":  # a Zarr store someone else wrote: no dkm marks at all
+        images.to_zarr(str(store), zarr_format=3, consolidated=False)
+    elif kind == "incomplete":  # marked as a dkm dataset store, never stamped complete
+        images.assign_attrs(dkm_store="dataset", dataset="digits").to_zarr(
             str(store), zarr_format=3, consolidated=False
         )
-    assert not is_complete(store)
-    with pytest.raises(StoreError, match=r"d\.zarr: exists but is not a complete dkm store"):
+    elif kind == "damaged":  # a complete store whose root zarr.json was cut in half
         ingest("digits", store)
-    assert store.exists()
-    if obstacle == "file":
-        assert store.read_text() == "precious"
-    ingest("digits", store, overwrite=True)
-    assert open_dataset(store).sizes["sample"] == 1797
+        meta = store / "zarr.json"
+        meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])
+    elif kind == "results":  # what ResultsStore.create leaves while a job runs
+        root = zarr.open_group(str(store), mode="w-", zarr_format=3)
+        root.attrs.update({"job": {"name": "j"}, "status": "running"})
+        root.create_group("runs")
+    elif kind == "patches":
+        patches = xr.Dataset({"patches": (("patch", "feature"), np.ones((4, 9), np.float32))})
+        write_atomic(patches.assign_attrs(patch_size=3), store, kind="patches")
+
+
+@pytest.mark.parametrize(
+    ("obstacle", "what", "replaceable"),
+    [
+        ("empty-dir", "is an empty directory", True),
+        ("file", "is a regular file", False),
+        ("foreign-zarr", "is a Zarr store that dkm did not write", False),
+        ("incomplete", r"is an incomplete dataset store \(it was interrupted while being", True),
+        ("damaged", r"is a damaged dataset store \(damaged metadata in .*d\.zarr/zarr\.json", True),
+        ("results", "is a results store", False),
+        ("patches", "is a complete patches store", False),
+    ],
+)
+def test_path_in_the_way_is_refused(tmp_path, obstacle, what, replaceable):
+    store = tmp_path / "d.zarr"
+    _obstacle(store, obstacle)
+    assert not is_complete(store) or obstacle == "patches"
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    with pytest.raises(StoreError, match=rf"d\.zarr: already exists and {what}") as err:
+        ingest("digits", store)
+    assert "overwrite" not in str(err.value)
+    if replaceable:
+        ingest("digits", store, overwrite=True)
+        assert open_dataset(store).sizes["sample"] == 1797
+    else:  # never destroyed, not even with overwrite
+        with pytest.raises(StoreError, match=rf"d\.zarr: {what}.*never replaces"):
+            ingest("digits", store, overwrite=True)
+        after = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+        assert after == before
     assert [p.name for p in tmp_path.iterdir()] == ["d.zarr"]  # nothing set aside is left
 
 
@@ -251,15 +298,21 @@ def test_open_dataset_refuses_what_is_not_a_complete_store(tmp_path):
     with pytest.raises(StoreError, match=r"plain: not a Zarr v3 store \(no zarr\.json\)"):
         open_dataset(tmp_path / "plain")
     half = tmp_path / "half.zarr"
-    xr.Dataset({"a": ("sample", np.arange(3))}).to_zarr(
-        str(half), zarr_format=3, consolidated=False
-    )
-    with pytest.raises(StoreError, match=r"half\.zarr: incomplete store \(dkm_status=None\)"):
+    _obstacle(half, "incomplete")
+    with pytest.raises(
+        StoreError,
+        match=r"half\.zarr: incomplete dataset store \(dkm_status=None\): it was interrupted "
+        "while being written; write it again",
+    ):
         open_dataset(half)
+    foreign = tmp_path / "foreign.zarr"
+    _obstacle(foreign, "foreign-zarr")
+    with pytest.raises(StoreError, match=r"foreign\.zarr: a Zarr store, but not one dkm wrote"):
+        open_dataset(foreign)
     broken = tmp_path / "broken.zarr"
     broken.mkdir()
     (broken / "zarr.json").write_text("{ not json")
-    with pytest.raises(StoreError, match=r"broken\.zarr: corrupt store metadata"):
+    with pytest.raises(StoreError, match=r"damaged metadata in .*broken\.zarr/zarr\.json: "):
         open_dataset(broken)
 
 
@@ -406,7 +459,269 @@ def test_synthetic_generated_on_the_cluster_independent_of_chunking(client, tmp_
 
 
 def test_synthetic_bad_sizes():
-    with pytest.raises(ValueError, match="synthetic: centers must be >= 1, got 0"):
+    with pytest.raises(
+        ValueError, match="dataset 'synthetic': centers: must be an integer >= 1, got 0"
+    ):
         load("synthetic", centers=0)
     with pytest.raises(ValueError, match="dataset 'synthetic' is generated and takes no source"):
         load("synthetic", source="/x")
+
+
+# ----------------------------------------------------------------------------- options
+
+SYNTHETIC_OPTIONS = "n_samples, n_features, centers, cluster_std, center_box, seed, chunk_rows"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"n_sample": 10},
+            rf"n_sample: unknown option for dataset 'synthetic' \(expected: {SYNTHETIC_OPTIONS}\); "
+            r"did you mean 'n_samples'\?$",
+        ),
+        ({"n_samples": "abc"}, r"n_samples: must be an integer >= 1, got 'abc'$"),
+        ({"n_samples": -5}, r"n_samples: must be an integer >= 1, got -5$"),
+        ({"n_samples": 2.5}, r"n_samples: must be an integer >= 1, got 2\.5$"),
+        ({"cluster_std": 0}, r"cluster_std: must be a finite number > 0, got 0$"),
+        ({"center_box": [5, -5]}, r"center_box: must be two finite numbers \[low, high\] with low"),
+        ({"seed": -1}, r"seed: must be an integer in \[0, 2\*\*32 - 1\] or a numpy RandomState"),
+        ({"chunk_rows": 0}, r"chunk_rows: must be an integer >= 1 or null, got 0$"),
+    ],
+    ids=["typo", "string", "negative", "float", "std", "box", "seed", "chunk_rows"],
+)
+def test_synthetic_option_problems_name_the_option(tmp_path, options, message):
+    store = tmp_path / "s.zarr"
+    for call in (load, ingest, known_shape):
+        args = ("synthetic", store) if call is ingest else ("synthetic",)
+        with pytest.raises(ValueError, match=rf"^dataset 'synthetic': {message}") as err:
+            call(*args, **options) if call is not known_shape else call(*args, options)
+        assert "_load_synthetic" not in str(err.value)
+        assert "unexpected keyword" not in str(err.value)
+    assert_nothing_written(store)
+
+
+def test_check_options(tmp_path):
+    assert check_options("synthetic", {"n_samples": 10, "seed": 3, "center_box": (0, 1)}) == []
+    assert check_options("synthetic", None) == []
+    assert check_options("synthetic", {"n_sample": 1, "n_samples": "abc"}) == [
+        (
+            "n_sample",
+            f"unknown option for dataset 'synthetic' (expected: {SYNTHETIC_OPTIONS}); "
+            "did you mean 'n_samples'?",
+        ),
+        ("n_samples", "must be an integer >= 1, got 'abc'"),
+    ]
+    assert check_options("digits", {"x": 1}) == [
+        ("x", "unknown option for dataset 'digits' (it takes no options)")
+    ]
+    assert check_options("images", {"grayscale": False, "size": (28, 28)}) == []
+    assert check_options("images", {"size": [28]}) == [
+        ("size", "must be two integers >= 1 [height, width], got [28]")
+    ]
+    assert check_options("mnist", {"cache_dir": tmp_path, "checksums": None}) == []  # path-like
+    assert check_options("mnist", {"verify": "yes"}) == [
+        ("verify", "must be true or false, got 'yes'")
+    ]
+    assert check_options("cifar10", {"checksums": {"a.tar.gz": 5}}) == [
+        ("checksums", "must map file names to digests (strings), got {'a.tar.gz': 5}")
+    ]
+    assert check_options("synthetic", 5) == [
+        ("options", "must be a mapping of option names to values, got 5")
+    ]
+    with pytest.raises(UnknownDatasetError, match="unknown dataset 'nope'"):
+        check_options("nope", {})
+
+
+def test_option_rules_are_the_loaders_options():
+    # Declared once: the rule table lists exactly the keyword options each loader accepts.
+    for info in DATASETS.values():
+        params = inspect.signature(info.load).parameters.values()
+        assert [p.name for p in params if p.kind is p.KEYWORD_ONLY] == list(info.options)
+
+
+def test_seed_may_be_a_random_state(tmp_path):
+    store = ingest("synthetic", tmp_path / "s.zarr", n_samples=10, seed=np.random.RandomState(3))
+    seed = read_attrs(store)["dkm_ingest"]["options"]["seed"]
+    assert isinstance(seed, int) and seed == open_dataset(store).attrs["generator"]["seed"]
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def _snapshot(store):
+    return sorted((p.relative_to(store), p.stat().st_mtime_ns) for p in store.rglob("*"))
+
+
+def test_ingest_records_the_request_as_given(tmp_path, make_mnist_dir):
+    make_mnist_dir(tmp_path / "src", n_train=2, n_test=1)
+    store = ingest(
+        "mnist", tmp_path / "m.zarr", source=tmp_path / "src", cache_dir=tmp_path / "cache"
+    )
+    assert read_attrs(store)["dkm_ingest"] == {
+        "dataset": "mnist",
+        "options": {"cache_dir": str(tmp_path / "cache")},
+    }
+    assert read_attrs(ingest("digits", tmp_path / "d.zarr"))["dkm_ingest"] == {
+        "dataset": "digits",
+        "options": {},
+    }
+    # How files are fetched and checked is not part of the request: the store is reused.
+    before = _snapshot(store)
+    ingest("mnist", store, source=tmp_path / "src", verify=False)
+    assert _snapshot(store) == before
+
+
+def test_synthetic_store_of_other_options_is_refused(tmp_path):
+    # J56: a complete store with n_samples 5000, a job asking 2000, must not be reused.
+    store = ingest("synthetic", tmp_path / "s.zarr", n_samples=5000, n_features=3)
+    assert read_attrs(store)["dkm_ingest"] == {
+        "dataset": "synthetic",
+        "options": {"n_samples": 5000, "n_features": 3},
+    }
+    before = _snapshot(store)
+    with pytest.raises(
+        StoreError,
+        match=r"s\.zarr: holds dataset 'synthetic' with n_samples=5000, this asks n_samples=2000$",
+    ) as err:
+        ingest("synthetic", store, n_samples=2000, n_features=3)
+    assert err.value.remedy is None
+    with pytest.raises(
+        StoreError, match=r"with n_features=3, centers=16, this asks n_features=4, centers=8$"
+    ):
+        ingest("synthetic", store, n_samples=5000, n_features=4, centers=8)
+    assert _snapshot(store) == before  # nothing rewritten
+    assert open_dataset(store).sizes["sample"] == 5000
+
+    # The same request spelled with its defaults (or another chunking) is the same request.
+    ingest(
+        "synthetic", store, n_samples=5000, n_features=3, centers=16, cluster_std=1,
+        center_box=(-10, 10), seed=0, chunk_rows=16384,
+    )  # fmt: skip
+    assert _snapshot(store) == before
+
+    ingest("synthetic", store, n_samples=2000, n_features=3, overwrite=True)
+    assert open_dataset(store).sizes["sample"] == 2000
+
+
+def test_no_options_is_the_default_request(tmp_path):
+    store = ingest("synthetic", tmp_path / "s.zarr")
+    before = _snapshot(store)
+    ingest("synthetic", store, n_samples=100_000)
+    assert _snapshot(store) == before
+    with pytest.raises(StoreError, match=r"with seed=0, this asks seed=1$"):
+        ingest("synthetic", store, seed=1)
+
+
+def _drop_ingest_record(store):
+    """Make ``store`` look as if written before dkm_ingest existed."""
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs.put({k: v for k, v in group.attrs.items() if k != "dkm_ingest"})
+
+
+def test_older_stores_compare_what_they_recorded(tmp_path):
+    synthetic = ingest("synthetic", tmp_path / "s.zarr", n_samples=300, n_features=2)
+    _drop_ingest_record(synthetic)
+    ingest("synthetic", synthetic, n_samples=300, n_features=2)  # the generator attrs agree
+    with pytest.raises(StoreError, match=r"with n_samples=300, this asks n_samples=200$"):
+        ingest("synthetic", synthetic, n_samples=200, n_features=2)
+
+    digits = ingest("digits", tmp_path / "d.zarr")
+    _drop_ingest_record(digits)
+    ingest("digits", digits)  # only the name to go by
+    with pytest.raises(StoreError, match=r"d\.zarr: holds dataset 'digits', this asks 'mnist-5k'"):
+        ingest("mnist-5k", digits)
+
+
+def test_image_folder_store_of_other_options_is_refused(tmp_path):
+    src = tmp_path / "drawn"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((6, 6, 3), 40 * i, np.uint8)).save(src / f"{i}.png")
+    store = ingest("images", tmp_path / "i.zarr", source=src)
+    ingest("images", store, source=src, grayscale=True, size=None)
+    with pytest.raises(StoreError, match=r"with grayscale=True, this asks grayscale=False$"):
+        ingest("images", store, source=src, grayscale=False)
+    with pytest.raises(StoreError, match=r"with size=None, this asks size=\[3, 3\]$"):
+        ingest("images", store, source=src, size=(3, 3))
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("name", ["mnist-5k", "digits"])
+def test_known_shape_is_the_ingested_shape(tmp_path, name):
+    store = ingest(name, tmp_path / "d.zarr")
+    shape = known_shape(name)
+    assert shape == store_shape(store)
+    ds = open_dataset(store)
+    assert shape.n_samples == ds.sizes["sample"]
+    assert shape.sample_shape == ds["images"].shape[1:]
+    assert shape.splits == {"train": ds.sizes["sample"]}
+
+
+@pytest.mark.slow
+def test_known_shape_of_fashion_mnist(tmp_path):
+    if not catalog.DEBIAN_FASHION_MNIST.is_dir():
+        message = "install the Debian package dataset-fashion-mnist"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    store = ingest("fashion-mnist", tmp_path / "f.zarr")
+    assert store_shape(store) == known_shape("fashion-mnist")
+    assert known_shape("fashion-mnist") == DataShape(
+        70000, (28, 28), {"train": 60000, "test": 10000}, True, True
+    )
+    assert known_shape("fashion-mnist", source=catalog.DEBIAN_FASHION_MNIST) is not None
+
+
+def test_known_shape_of_synthetic_follows_its_options(tmp_path):
+    options = {"n_samples": 1234, "n_features": 7}
+    store = ingest("synthetic", tmp_path / "s.zarr", **options)
+    assert known_shape("synthetic", options) == store_shape(store)
+    assert store_shape(store) == DataShape(1234, (7,), {}, False, True)
+    assert known_shape("synthetic") == DataShape(100_000, (25,), {}, False, True)
+
+
+def test_known_shape_only_for_published_files(tmp_path):
+    cifar = DataShape(60000, (32, 32, 3), {"train": 50000, "test": 10000}, True, True)
+    assert known_shape("cifar10") == cifar
+    assert known_shape("cifar10", source="download") == cifar
+    assert known_shape("cifar10", source=tmp_path) is None  # a directory may hold anything
+    assert known_shape("fashion-mnist", source=tmp_path) is None
+    assert known_shape("mnist") is None  # any IDX subset is "mnist"
+    assert known_shape("mnist", source="download").n_samples == 70000
+    assert known_shape("images") is None and known_shape("npz") is None
+    with pytest.raises(UnknownDatasetError):
+        known_shape("nope")
+
+
+def test_store_shape(tmp_path, make_mnist_dir):
+    make_mnist_dir(tmp_path / "src", n_train=5, n_test=3)
+    store = ingest("mnist", tmp_path / "m.zarr", source=tmp_path / "src")
+    assert store_shape(store) == DataShape(8, (28, 28), {"train": 5, "test": 3}, True, True)
+    patches = xr.Dataset({"patches": (("patch", "feature"), np.zeros((2, 4), np.float32))})
+    write_atomic(patches.assign_attrs(patch_size=2), tmp_path / "p.zarr", kind="patches")
+    with pytest.raises(StoreError, match=r"p\.zarr: a patches store, not a dataset store"):
+        store_shape(tmp_path / "p.zarr")
+    with pytest.raises(StoreError, match=r"gone\.zarr: no such store"):
+        store_shape(tmp_path / "gone.zarr")
+
+
+def test_check_store_says_what_ingest_would_do(tmp_path):
+    store = tmp_path / "s.zarr"
+    assert catalog.check_store("synthetic", store, {"n_samples": 300}) is False  # nothing there
+    ingest("synthetic", store, n_samples=300, n_features=2)
+    assert catalog.check_store("synthetic", store, {"n_samples": 300, "n_features": 2}) is True
+    with pytest.raises(StoreError, match=r"with n_samples=300, this asks n_samples=200$"):
+        catalog.check_store("synthetic", store, {"n_samples": 200, "n_features": 2})
+    assert catalog.check_store("synthetic", store, {"n_samples": 200}, overwrite=True) is False
+    with pytest.raises(StoreError, match=r"s\.zarr: holds dataset 'synthetic', this asks 'digits'"):
+        catalog.check_store("digits", store)
+    with pytest.raises(ValueError, match="n_sample: unknown option"):
+        catalog.check_store("synthetic", store, {"n_sample": 1})
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match=r"f: already exists and is a regular file$"):
+        catalog.check_store("digits", tmp_path / "f")
+    with pytest.raises(StoreError, match="never replaces"):
+        catalog.check_store("digits", tmp_path / "f", overwrite=True)

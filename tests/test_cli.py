@@ -98,7 +98,9 @@ def test_ingest_images_with_size_and_bad_size(tmp_path):
     (src / "x").mkdir(parents=True)
     for i in range(3):
         Image.fromarray(np.full((20, 30), 60 * i, np.uint8)).save(src / "x" / f"{i}.png")
-    good = run("ingest", "images", "--store", tmp_path / "i.zarr", "--source", src, "--size", "7x9")
+    good = run(
+        "ingest", "images", "--store", tmp_path / "i.zarr", "--source", src, "--resize", "7x9"
+    )
     assert good.exit_code == 0, good.output
     assert "images {'sample': 3, 'y': 7, 'x': 9} (images)" in good.stdout
     np.testing.assert_array_equal(
@@ -107,7 +109,7 @@ def test_ingest_images_with_size_and_bad_size(tmp_path):
 
     for bad in ("28", "axb", "28x28x3"):
         result = run(
-            "ingest", "images", "--store", tmp_path / "b.zarr", "--source", src, "--size", bad
+            "ingest", "images", "--store", tmp_path / "b.zarr", "--source", src, "--resize", bad
         )
         assert result.exit_code == 2
         assert f"expected HEIGHTxWIDTH such as 28x28, got '{bad}'" in result.stderr

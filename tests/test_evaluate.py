@@ -8,7 +8,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics
 
-from dkm.evaluate import labels as evaluate
+from dkm import evaluate
 
 
 @pytest.fixture

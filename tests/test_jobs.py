@@ -69,27 +69,41 @@ MALFORMED = [
     # (job, key named in the error, words in the message)
     (with_change("colour", "blue"), "colour", "unknown section"),
     (with_change("model.learning_rate", 0.1), "model.learning_rate", "unknown key"),
-    (with_change("model.max_iter", "ten"), "model.max_iter", "expected an integer"),
+    (with_change("model.max_iter", "ten"), "model.max_iter", "must be an integer >= 1, got 'ten'"),
     (with_change("model.k", 0), "model.k", "k must be >= 1"),
     (with_change("model.k", []), "model.k", "empty list"),
     (with_change("model.k", [4, "8"]), "model.k", "expected integers"),
     (with_change("model.k", {"start": 64, "stop": 8}), "model.k", "start <= stop"),
     (with_change("model.k", 20000), "model.k", "k must be <= 16384"),
     (with_change("model.algorithm", "elkan"), "model.algorithm", "'lloyd', 'minibatch'"),
-    (with_change("model.init", "kmeans+++"), "model.init", "unknown init"),
-    (with_change("model.tol", -1.0), "model.tol", "must be >= 0"),
-    (with_change("model.empty_cluster", "drop"), "model.empty_cluster", "unknown empty_cluster"),
-    (with_change("data.dataset", "imagenet"), "data.dataset", "unknown dataset 'imagenet'"),
+    (with_change("model.init", "kmeans+++"), "model.init", "one of 'k-means||', 'k-means++'"),
+    (with_change("model.tol", -1.0), "model.tol", "must be a finite number >= 0, got -1.0"),
+    (with_change("model.tol", float("nan")), "model.tol", "must be a finite number >= 0, got nan"),
+    (with_change("model.random_state", -1), "model.random_state", "in [0, 2**32 - 1]"),
+    (with_change("model.batch_size", 64), "model.batch_size", "unknown key for algorithm 'lloyd'"),
+    (with_change("model.empty_cluster", "drop"), "model.empty_cluster", "one of 'farthest'"),
+    (with_change("data.dataset", "imagenet"), "data.dataset", "got 'imagenet'"),
+    (
+        with_change("data.options", {"n_sample": 5}),
+        "data.options.n_sample",
+        "unknown option for dataset 'mnist-5k'",
+    ),
     (with_change("data.store", None, delete=True), "data.store", "required key is missing"),
     (with_change("output", None, delete=True), "output", "required section is missing"),
     (with_change("output.store", None, delete=True), "output.store", "required key is missing"),
-    (with_change("output.labels", "yes"), "output.labels", "expected true or false"),
+    (with_change("output.labels", "yes"), "output.labels", "must be true or false"),
     (with_change("features.size", None, delete=True), "features.size", "required when kind"),
     (with_change("features.kind", "wavelets"), "features.kind", "'pixels', 'patches'"),
     (with_change("evaluate", ["inertia", "purity"]), "evaluate", "unknown metric 'purity'"),
     (with_change("evaluate", ["accuracy"]), "evaluate", "patches have none"),
     (with_change("cluster.address", "localhost:8786"), "cluster.address", "tcp:// or tls://"),
-    (with_change("cluster.n_workers", 0), "cluster.n_workers", "must be >= 1"),
+    (with_change("cluster.n_workers", 0), "cluster.n_workers", "must be an integer >= 1"),
+    (with_change("cluster.memory_limit", "lots"), "cluster.memory_limit", "a size such as"),
+    (
+        with_change("model.k", {"start": 1, "stop": 10**9, "scale": "linear"}),
+        "model.k",
+        "k must be <= 16384, got stop=1000000000",
+    ),
     (with_change("name", ""), "name", "non-empty string"),
     (with_change("data", ["mnist"]), "data", "expected a mapping"),
 ]
@@ -108,12 +122,12 @@ def test_malformed_jobs_name_their_problem(job, key, words):
 
 def test_all_problems_are_reported_together():
     job = with_change("model.max_iter", 0)
-    job["model"]["algorithm"] = "elkan"
+    job["model"]["k"] = 0
     job["data"]["dataset"] = "imagenet"
     with pytest.raises(JobSpecError) as info:
         parse_job(job)
     keys = {k for k, _ in info.value.problems}
-    assert {"model.max_iter", "model.algorithm", "data.dataset"} <= keys
+    assert {"model.max_iter", "model.k", "data.dataset"} <= keys
 
 
 def test_not_a_mapping():
@@ -137,3 +151,41 @@ def test_load_job_yaml_syntax_error_names_the_line(tmp_path):
 def test_load_job_missing_file(tmp_path):
     with pytest.raises(JobSpecError, match="cannot read the job file"):
         load_job(tmp_path / "nope.yaml")
+
+
+def test_job_defaults_come_from_the_estimator():
+    spec = parse_job(with_change("model", {"k": 8}))
+    resolved = spec.model.resolved()
+    assert resolved["max_iter"] == 300 and resolved["init"] == "k-means||"  # KMeans's own
+    assert resolved["random_state"] == 0  # jobs are reproducible
+    assert spec.model.max_iter == 300
+    mb = parse_job(with_change("model", {"k": 8, "algorithm": "minibatch", "batch_size": 64}))
+    assert mb.model.resolved()["batch_size"] == 64 and mb.model.init == "k-means++"
+    assert parse_job(mb.to_dict()).model == mb.model  # to_dict reads back
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump(VALID) + "model: {k: 4}\n")
+    with pytest.raises(
+        JobSpecError, match=r"line \d+, column \d+: not valid YAML: duplicate key 'model'"
+    ):
+        load_job(path)
+
+
+def test_an_alias_bomb_is_not_printed_whole(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    body = yaml.safe_dump({k: v for k, v in VALID.items() if k != "evaluate"})
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n" + body + "evaluate: *a8\n")
+    with pytest.raises(JobSpecError) as info:
+        load_job(path)
+    assert len(str(info.value)) < 2000
+
+
+def test_binary_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(JobSpecError, match=r"cannot read the job file|not valid YAML"):
+        load_job(path)

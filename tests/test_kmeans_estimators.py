@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -92,26 +94,21 @@ def test_init_array_wrong_shape(data, shape):
 
 def test_bad_params(data):
     X = data[0]
-    with pytest.raises(ValueError, match="empty_cluster must be one of"):
-        KMeans(3, empty_cluster="nope").fit(X)
-    with pytest.raises(ValueError, match="init must be one of"):
-        KMeans(3, init="kmeans++").fit(X)
-    with pytest.raises(ValueError, match="positive integer"):
-        KMeans(0).fit(X)
-    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
-        KMeans(3, dtype=np.float16).fit(X)
-
-
-def test_zarr_store_variable_choice(threaded_client, tmp_path, data):
-    X = data[0]
-    path = _store(tmp_path, a=X, b=X[:, :3])
-    with pytest.raises(ValueError, match=r"2 2-D float variables \(a, b\); pass variable="):
-        KMeans(3).fit(path)
-    km = KMeans(5, init=data[1][:, :3], variable="b", tol=0).fit(str(path))
-    ref = SkKMeans(5, init=data[1][:, :3], n_init=1, tol=0).fit(X[:, :3])
-    np.testing.assert_allclose(km.cluster_centers_, ref.cluster_centers_, atol=1e-4)
-    with pytest.raises(ValueError, match="no variable 'zz'"):
-        KMeans(3, variable="zz").fit(path)
+    for params, words in [
+        ({"empty_cluster": "nope"}, "empty_cluster must be one of 'farthest'"),
+        ({"init": "kmeans++"}, "init must be one of 'k-means||', 'k-means++', 'random', 'sample'"),
+        ({"n_clusters": 0}, "n_clusters must be an integer >= 1, got 0"),
+        ({"n_clusters": True}, "n_clusters must be an integer >= 1, got True"),
+        ({"dtype": np.float16}, "dtype must be 'float32' or 'float64'"),
+        ({"tol": -1.0}, "tol must be a finite number >= 0, got -1.0"),
+        ({"tol": float("nan")}, "tol must be a finite number >= 0, got nan"),
+        ({"n_init": 0}, "n_init must be an integer >= 1 or one of 'auto', got 0"),
+        ({"random_state": -1}, "random_state must be an integer in [0, 2**32 - 1]"),
+        ({"max_iter": 0}, "max_iter must be an integer >= 1"),
+    ]:
+        params = {"n_clusters": 3, **params}
+        with pytest.raises(ValueError, match=re.escape(f"KMeans: {words}")):
+            KMeans(**params).fit(X)
 
 
 # ------------------------------------------------------------------------------ API

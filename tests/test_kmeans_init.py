@@ -11,9 +11,10 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from sklearn.cluster import kmeans_plusplus
 from sklearn.datasets import make_blobs
 
-from dkm._parallel import kernels
 from dkm._parallel.backend import get_backend
 from dkm._parallel.blocks import as_source, compute_stats, load_blocks
+from dkm._parallel.keys import Keys
+from dkm._parallel.random import row_uniforms
 from dkm.kmeans.estimators import KMeans
 from dkm.kmeans.init import kmeans_parallel, kmeans_parallel_init
 
@@ -61,10 +62,9 @@ def _kmpar_with_pass_count(client, X, k, seed, rounds):
     data_keys = [f.key for f in blocks.handles]
     client.register_plugin(_DataPasses(data_keys))
     try:
-        compute_stats(blocks, seed, name=f"t-kmpar-{seed}")
-        centers, info = kmeans_parallel_init(
-            blocks, k, seed, max_iter=rounds, name=f"t-kmpar-{seed}"
-        )
+        keys = Keys.new()
+        compute_stats(blocks, seed, keys)
+        centers, info = kmeans_parallel_init(blocks, k, seed, max_iter=rounds, keys=keys)
         readers = client.run_on_scheduler(
             lambda dask_scheduler: dask_scheduler.plugins[_DataPasses.name].readers
         )
@@ -111,16 +111,14 @@ def test_kmeans_parallel_independent_of_chunking(threaded_client):
 
 
 def test_row_uniforms_are_chunking_independent_and_uniform():
-    full = kernels.row_uniforms(5, 2, 0, 100_000)
-    parts = np.concatenate(
-        [kernels.row_uniforms(5, 2, s, 25_000) for s in range(0, 100_000, 25_000)]
-    )
+    full = row_uniforms(5, 2, 0, 100_000)
+    parts = np.concatenate([row_uniforms(5, 2, s, 25_000) for s in range(0, 100_000, 25_000)])
     np.testing.assert_array_equal(full, parts)
     assert 0 <= full.min() and full.max() < 1
     # Kolmogorov-Smirnov distance to U(0, 1) is small, streams differ.
     ks = np.abs(np.sort(full) - (np.arange(1, 100_001) / 100_000)).max()
     assert ks < 0.01
-    assert np.corrcoef(full, kernels.row_uniforms(5, 3, 0, 100_000))[0, 1] < 0.02
+    assert np.corrcoef(full, row_uniforms(5, 3, 0, 100_000))[0, 1] < 0.02
 
 
 def test_simple_init_methods(threaded_client):
@@ -129,17 +127,19 @@ def test_simple_init_methods(threaded_client):
     for init in ("sample", "k-means++"):
         km = KMeans(6, init=init, max_iter=1, tol=0, random_state=0).fit(X)
         assert km.init_info_["seconds"] >= 0
-    # With max_iter=1 the centres are means of the initial assignment; check the init directly
-    # through sample: every initial centre is a data row.
-    from dkm.kmeans.init import random_init, sample_init
+    # With max_iter=1 the centers are means of the initial assignment; check the init directly
+    # through sample: every initial center is a data row.
+    from dkm.kmeans.init import initialize
 
     blocks = load_blocks(as_source(X), get_backend())
-    compute_stats(blocks, 0, name="t-simple")
-    rows = sample_init(blocks, 6, seed=3, name="t-simple-sample")
+    keys = Keys.new()
+    compute_stats(blocks, 0, keys)
+    rows, _ = initialize(blocks, "sample", 6, 3, keys)
     for r in rows:
         assert (np.abs(X - r).max(1) == 0).any()
     assert len({tuple(r) for r in rows}) == 6
-    box = random_init(blocks, 50, seed=3)
+    box, info = initialize(blocks, "random", 50, 3, keys)
+    assert info["passes"] == 0
     assert (box >= X.min(0) - 1e-6).all() and (box <= X.max(0) + 1e-6).all()
 
 

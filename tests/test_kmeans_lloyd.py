@@ -13,7 +13,6 @@ from sklearn.cluster import KMeans as SkKMeans
 from sklearn.cluster import kmeans_plusplus
 from sklearn.datasets import load_digits, make_blobs
 
-from dkm._parallel import backend as _backend
 from dkm.kmeans.estimators import KMeans
 
 
@@ -112,9 +111,14 @@ class _TaskLog(SchedulerPlugin):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tree", [False, True])
-def test_tasks_per_iteration_constant(client, monkeypatch, tree):
-    if tree:  # force the on-worker tree reduction used for large k x d partial sums
-        monkeypatch.setattr(_backend, "CLIENT_REDUCE_BYTES", 0)
+def test_tasks_per_iteration_constant(client, tree):
+    # tree: force the on-worker tree reduction used for large k x d partial sums.
+    limit = 0 if tree else "32MiB"
+    with dask.config.set({"dkm.backend.client-reduce-bytes": limit}):
+        _tasks_per_iteration_constant(client, tree)
+
+
+def _tasks_per_iteration_constant(client, tree):
     # Uniform data: Lloyd does not converge within 50 iterations, so all 50 run.
     X = np.random.default_rng(0).random((40_000, 2), dtype=np.float32)
     client.register_plugin(_TaskLog())
@@ -145,7 +149,7 @@ def _empty_setup():
     X, _ = make_blobs(3_000, n_features=4, centers=5, cluster_std=0.5, random_state=2)
     X = X.astype(np.float32)
     C0 = X[[0, 10, 20, 30, 40]].astype(np.float64)
-    C0 = np.vstack([C0, np.full((2, 4), 1000.0)])  # two centres no point will pick
+    C0 = np.vstack([C0, np.full((2, 4), 1000.0)])  # two centers no point will pick
     return X, C0
 
 
@@ -159,7 +163,7 @@ def test_empty_cluster_policies(threaded_client, policy):
     assert int(h["n_reseeded"][0]) == (0 if policy == "keep" else 2)
     new = km.cluster_centers_[5:]
     if policy == "farthest":
-        # scikit-learn relocates empty clusters to the farthest points too: same centres.
+        # scikit-learn relocates empty clusters to the farthest points too: same centers.
         sk = _sklearn(X, C0, max_iter=1, tol=0)
         np.testing.assert_allclose(km.cluster_centers_, sk.cluster_centers_, atol=1e-5)
         d2 = ((X[:, None, :] - C0[None, :5, :]) ** 2).sum(-1).min(1)
@@ -167,7 +171,7 @@ def test_empty_cluster_policies(threaded_client, policy):
         np.testing.assert_allclose(new, far, atol=1e-6)
     elif policy == "random-point":
         for row in new:
-            assert (np.abs(X - row).max(axis=1) < 1e-5).any()  # a data row (centring rounds)
+            assert (np.abs(X - row).max(axis=1) < 1e-5).any()  # a data row (centering rounds)
         assert not np.allclose(new[0], new[1])
     elif policy == "zero":
         np.testing.assert_array_equal(new, 0)

@@ -38,9 +38,9 @@ def test_update_matches_sklearn_partial_fit():
         assert counts.sum() == (b + 1) * 1000
 
 
-def test_reassignment_moves_starved_centres_to_batch_rows():
+def test_reassignment_moves_starved_centers_to_batch_rows():
     X = np.random.default_rng(1).random((500, 2)).astype(np.float32)
-    C = np.vstack([X[:3], [[50.0, 50.0]]]).astype(np.float64)  # centre 3 never wins
+    C = np.vstack([X[:3], [[50.0, 50.0]]]).astype(np.float64)  # center 3 never wins
     counts = np.zeros(4)
     minibatch_step(X, C, counts, np.random.default_rng(0), True, 0.01, np.dtype(np.float32))
     assert (np.abs(X - C[3]).max(1) == 0).any()
@@ -66,7 +66,7 @@ def test_minibatch_within_3_percent_of_lloyd_on_mnist_patches(client):
     X = mnist5k_patches()  # 180000 x 25
     lloyd = KMeans(256, init="k-means||", random_state=0, max_iter=300).fit(X)
     # reassignment_ratio=0: on these patches half the rows are the all-zero patch, so
-    # scikit-learn's relative rule (count < 1% of the largest count) fires for most centres
+    # scikit-learn's relative rule (count < 1% of the largest count) fires for most centers
     # every 10k samples and the inertia ends ~30% higher (scikit-learn's own MiniBatchKMeans
     # ends ~2x above Lloyd here); see benchmarks/RESULTS.md.
     mb = MiniBatchKMeans(

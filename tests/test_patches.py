@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dkm.data.store import StoreError, open_dataset
-from dkm.features.patches import PatchLayout, extract_patches, stitch_patches, write_patches
+from dkm.features.patches import (
+    PatchGrid,
+    PatchLayout,
+    extract_patches,
+    stitch_patches,
+    write_patches,
+)
 
 
 def reference_patches(images: np.ndarray, size: int, stride: int, pad: int):
@@ -109,7 +115,7 @@ def test_drop_empty_removes_exactly_the_all_zero_patches():
 def test_stitch_inverts_extract(size, stride, pad):
     images = random_images(6, (14, 14), seed=4)
     patches = extract_patches(images, size, stride, pad, chunk_bytes=5000)
-    layout = PatchLayout((14, 14), size, stride, pad)
+    layout = PatchLayout(size, stride, pad).grid((14, 14))
     back = stitch_patches(patches, images_per_block=4)
     assert back.dims == ("image", "y", "x")
     covered = _covered(layout)
@@ -119,7 +125,7 @@ def test_stitch_inverts_extract(size, stride, pad):
         np.testing.assert_allclose(back.values, images / 255.0, atol=1e-6)
 
 
-def _covered(layout: PatchLayout) -> np.ndarray:
+def _covered(layout: PatchGrid) -> np.ndarray:
     cover = np.zeros(layout.padded, bool)
     for r, c in zip(*layout.grid(), strict=True):
         cover[r : r + layout.size, c : c + layout.size] = True
@@ -190,7 +196,7 @@ def test_property_extract_and_stitch(n, height, width, channels, size, stride, p
         with pytest.raises(ValueError, match="larger than the padded image"):
             extract_patches(images, size, stride, pad)
         return
-    layout = PatchLayout(shape, size, stride, pad)
+    layout = PatchLayout(size, stride, pad).grid(shape)
     patches = extract_patches(images, size, stride, pad, chunk_bytes=256)
     want, coords = reference_patches(images, size, stride, pad)
     assert patches.shape == (n * layout.per_image, layout.n_features)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from dkm.data.store import StoreError
 from dkm.report.html import report_dir, write_report
-from dkm.results.store import ResultsStore, run_name
+from dkm.results.store import ResultsStore, as_variables, run_name
 from dkm.results.sweep import sweep_table
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -22,7 +23,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def results(tmp_path):
     rng = np.random.default_rng(0)
     store = ResultsStore(tmp_path / "job.zarr")
-    store.create({"job": {"name": "report-test"}, "tile_shape": [5, 5]})
+    store.start_job({"job": {"name": "report-test"}, "tile_shape": [5, 5]})
     ks, inertia = [4, 16, 64], []
     for k in ks:
         n = 6
@@ -36,9 +37,10 @@ def results(tmp_path):
         inertia.append(float(hist["inertia"][-1]))
         store.write_run(
             run_name("lloyd", k),
-            rng.random((k, 25), dtype=np.float32),
+            as_variables(centroids=rng.random((k, 25), dtype=np.float32)),
             hist,
             {
+                "algorithm": "lloyd",
                 "k": k,
                 "n_iter": n,
                 "inertia": inertia[-1],
@@ -47,7 +49,7 @@ def results(tmp_path):
             },
         )
     store.write_sweep(sweep_table(ks, {"inertia": inertia}))
-    store.finish()
+    store.finish("complete")
     return store
 
 
@@ -61,6 +63,15 @@ def test_report_writes_page_and_figures(results):
     for name in images:
         assert (page.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lloyd-k16" in html and "report-test" in html
+
+
+def test_report_lists_failed_runs_and_refuses_damaged_ones(results):
+    results.write_failed_run("lloyd-k99", {"algorithm": "lloyd", "k": 99}, "k=99 > 50 samples")
+    html = write_report(results.path).read_text()
+    assert "Failed runs" in html and "k=99 &gt; 50 samples" in html
+    (results.path / "runs/lloyd-k16/centroids/zarr.json").unlink()
+    with pytest.raises(StoreError, match=r"damaged run\(s\): lloyd-k16 .*run the job again"):
+        write_report(results.path)
 
 
 @pytest.mark.slow

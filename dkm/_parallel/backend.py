@@ -1,6 +1,6 @@
 """Where the per-block kernels run: a dask.distributed cluster, or local threads.
 
-The k-means drivers keep the data as a list of block handles that live where the work runs
+The model drivers keep the data as a list of block handles that live where the work runs
 (futures of persisted blocks on a cluster; arrays in this process otherwise) and submit one
 small, fixed-shape set of tasks per iteration against them: ``map`` over blocks, a tree
 reduction, one ``gather`` of a k x d result. Going through futures instead of rebuilding a
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future as LocalFuture
 from concurrent.futures import ThreadPoolExecutor
@@ -22,78 +20,7 @@ from typing import Any
 import dask
 import numpy as np
 
-# Above this size a centroid array is scattered once per iteration instead of being pickled
-# into every task (the same 1 MB threshold dask uses to stop inlining numpy arguments).
-SCATTER_BYTES = 1_000_000
-SPLIT_EVERY = 8
-CLIENT_REDUCE_BYTES = 32 * 2**20
-
-
-# How the drivers' internal step names read on the dashboard. The task stream colours tasks by
-# key prefix (the words before the first token-like word), so keys are rebuilt as
-# "<algorithm>-<phase>-<token>-<counters>": "lloyd-assign", "kmeans||-round", ...
-_ALGORITHM_WORDS = {
-    "kmpar": "kmeans||",
-    "kpp": "kmeans++",
-    "sample": "sample-init",
-    "stats": "data",
-    "centre": "data",
-}
-_PHASE_WORDS = {
-    "step": "assign",
-    "sum": "reduce",
-    "far": "farthest",
-    "rnd": "random-point",
-    "d2": "mindist",
-    "sel": "select",
-    "centred": "centre",
-    "initrows": "init-rows",
-    "fetch": "batch",
-}
-_DEFAULT_PHASE = {
-    "kmpar": "round",
-    "kpp": "gather",
-    "sample": "gather",
-    "stats": "stats",
-    "centre": "centre",
-}
-_COUNTER = re.compile(r"(?:r|it|l)\d+|\d+")
-_WORD_AND_COUNT = re.compile(r"([a-z]+)(\d+)")
-
-
-def task_key(name: str, index: int | None = None) -> str:
-    """The task key for a driver step called ``name`` (``dkm-<driver>-<token>-...``).
-
-    ``dkm-kmeans-<token>-r0-it5-step`` becomes ``lloyd-assign-<token>-r0-it5``: the same
-    information (so keys stay unique), with what the task does first, where the dashboard
-    shows it. Names without a run token are returned unchanged.
-    """
-    words = name.split("-")
-    at = next((i for i, w in enumerate(words) if i > 0 and len(w) >= 8 and not w.isalpha()), None)
-    if at is None or words[0] != "dkm":
-        return name if index is None else f"{name}-{index}"
-    driver, token, rest = words[at - 1], words[at], words[at + 1 :]
-    phase, counters = [], []
-    for w in rest:
-        if w in _PHASE_WORDS or w in _ALGORITHM_WORDS:
-            phase.append(w)
-        elif _COUNTER.fullmatch(w):
-            counters.append(w)
-        elif m := _WORD_AND_COUNT.fullmatch(w):
-            phase.append(m.group(1))
-            counters.append(m.group(2))
-        else:
-            phase.append(w)
-    algorithm = "minibatch" if driver == "minibatch" else "lloyd"
-    in_iteration = any(c.startswith("it") for c in counters)  # Lloyd's own per-step stats
-    if phase and phase[0] in _ALGORITHM_WORDS and not in_iteration:
-        first = phase.pop(0)
-        algorithm = _ALGORITHM_WORDS[first]
-        phase = phase or [_DEFAULT_PHASE[first]]
-    words = [algorithm, *(_PHASE_WORDS.get(w, w) for w in phase), token, *counters]
-    if index is not None:
-        words.append(str(index))
-    return "-".join(words)
+from dkm import config
 
 
 def get_backend(client=None) -> Backend:
@@ -126,9 +53,6 @@ class Backend:
         """Context in which kernels run: one BLAS thread per task when tasks share a process."""
         return contextlib.nullcontext()
 
-    def new_token(self) -> str:
-        return uuid.uuid4().hex[:10]
-
     def map(self, fn: Callable, *iterables: Sequence, name: str) -> list:
         raise NotImplementedError
 
@@ -142,25 +66,27 @@ class Backend:
         """Make a (possibly large) read-only object available to tasks."""
         return obj
 
-    def persist_blocks(self, blocks: list) -> list:
-        raise NotImplementedError
+    def reduces_on_client(self, n: int, nbytes: int) -> bool:
+        """Whether :meth:`reduce` combines ``n`` partials of ``nbytes`` here, not in a tree."""
+        return n * nbytes <= config.get_bytes("backend.client-reduce-bytes")
 
     def reduce(self, futures: list, combine: Callable, name: str, nbytes: int):
         """Combine per-block results and return the value (not a future).
 
-        Small partials (all together under ``CLIENT_REDUCE_BYTES``) are gathered and combined
+        Small partials (``dkm.backend.client-reduce-bytes`` in all) are gathered and combined
         here: that saves a scheduler hop per iteration (measured ~15 ms of a 50 ms iteration
         floor on a 2-process cluster). Large ones are combined on the workers in a tree.
         """
-        if len(futures) * nbytes <= CLIENT_REDUCE_BYTES:
+        if self.reduces_on_client(len(futures), nbytes):
             return combine(*self.gather(futures))
         return self.gather(self.tree_reduce(futures, combine, name))
 
     def tree_reduce(self, futures: list, combine: Callable, name: str):
-        """Combine futures pairwise-ish in groups of ``SPLIT_EVERY`` (a tree, not a chain)."""
+        """Combine futures in groups of ``dkm.backend.split-every`` (a tree, not a chain)."""
+        every = int(config.get("backend.split-every"))
         level = 0
         while len(futures) > 1:
-            groups = [futures[i : i + SPLIT_EVERY] for i in range(0, len(futures), SPLIT_EVERY)]
+            groups = [futures[i : i + every] for i in range(0, len(futures), every)]
             futures = [
                 self.submit(combine, *g, name=f"{name}-l{level}-{j}") for j, g in enumerate(groups)
             ]
@@ -193,23 +119,19 @@ class DistributedBackend(Backend):
         return [a for t in range(most) for a, w in ws if w["nthreads"] > t]
 
     def map(self, fn, *iterables, name):
-        n = len(iterables[0])
-        keys = [task_key(name, i) for i in range(n)]
+        keys = [f"{name}-{i}" for i in range(len(iterables[0]))]
         return self.client.map(fn, *iterables, key=keys, pure=False)
 
     def submit(self, fn, *args, name):
-        return self.client.submit(fn, *args, key=task_key(name), pure=False)
+        return self.client.submit(fn, *args, key=name, pure=False)
 
     def gather(self, futures):
         return self.client.gather(futures)
 
     def share(self, obj):
-        if isinstance(obj, np.ndarray) and obj.nbytes > SCATTER_BYTES:
+        if isinstance(obj, np.ndarray) and obj.nbytes > config.get_bytes("backend.scatter-bytes"):
             return self.client.scatter(obj, broadcast=True, hash=False)
         return obj
-
-    def persist_blocks(self, blocks):
-        return blocks
 
 
 def _accepts_n_workers(client) -> bool:
@@ -260,6 +182,3 @@ class LocalBackend(Backend):
         if isinstance(futures, LocalFuture):
             return futures.result()
         return [f.result() for f in futures]
-
-    def persist_blocks(self, blocks):
-        return blocks

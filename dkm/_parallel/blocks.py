@@ -25,13 +25,10 @@ import dask
 import dask.array as da
 import numpy as np
 
+from dkm import config
 from dkm._parallel import kernels
 from dkm._parallel.backend import Backend, LocalBackend
-
-# Blocks that are larger than this are split before persisting; smaller chunks are merged
-# when there are many of them (per-task overhead dominates small blocks; CONVENTIONS s.3).
-_MAX_BLOCK_BYTES = 128 * 2**20
-_TARGET_BLOCK_BYTES = 64 * 2**20
+from dkm._parallel.keys import Keys
 
 
 @dataclass
@@ -55,7 +52,7 @@ class Source:
 
 @dataclass
 class Blocks:
-    """The data as row blocks where the kernels run (centred after :func:`centre`)."""
+    """The data as row blocks where the kernels run (centered after :func:`center`)."""
 
     backend: Backend
     handles: list
@@ -83,7 +80,10 @@ class Blocks:
         return out
 
     def take(self, rows: np.ndarray, name: str) -> np.ndarray:
-        """Gather the given global rows (in the given order) to the client as float64."""
+        """Gather the given global rows (in the given order) to the client as float64.
+
+        ``name`` is the task key prefix (see :class:`dkm._parallel.keys.Keys`).
+        """
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.d), dtype=np.float64)
         if len(rows) == 0:
@@ -101,7 +101,7 @@ class Blocks:
 def _rows_for(shape, dtype) -> int:
     n, d = shape
     per_row = max(1, d * np.dtype(dtype).itemsize)
-    return max(1, min(n, _TARGET_BLOCK_BYTES // per_row))
+    return max(1, min(n, config.get_bytes("blocks.target-bytes") // per_row))
 
 
 def _open_store(path: str, variable: str | None):
@@ -177,31 +177,37 @@ def as_source(X: Any, dtype=np.float32, variable: str | None = None) -> Source:
 
 
 def _fits(backend: Backend, nbytes: int) -> bool:
+    fraction = float(config.get("blocks.persist-fraction"))
     if backend.is_distributed:
-        return backend.memory == 0 or nbytes <= 0.5 * backend.memory
+        return backend.memory == 0 or nbytes <= fraction * backend.memory
     try:
         import psutil
 
-        return nbytes <= 0.5 * psutil.virtual_memory().available
+        return nbytes <= fraction * psutil.virtual_memory().available
     except ImportError:  # pragma: no cover
         return True
 
 
 def _row_splits(chunks: tuple[int, ...], per_row: int, nthreads: int) -> list[tuple[int, int]]:
-    """Block boundaries: source chunks, merged when tiny and numerous, split when huge."""
+    """Block boundaries: source chunks, merged when tiny and numerous, split when huge.
+
+    Per-task overhead dominates small blocks, so many small chunks are merged; blocks above
+    ``dkm.blocks.max-bytes`` are split.
+    """
+    target_bytes = config.get_bytes("blocks.target-bytes")
     bounds = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
     n = int(bounds[-1])
     mean_bytes = n * per_row / max(1, len(chunks))
-    if len(chunks) > 4 * nthreads and mean_bytes < _TARGET_BLOCK_BYTES / 2:
-        # Aim for ~64 MiB blocks, but keep at least two blocks per thread for balance.
-        target = min(math.ceil(n / (2 * nthreads)), _TARGET_BLOCK_BYTES // per_row)
+    if len(chunks) > 4 * nthreads and mean_bytes < target_bytes / 2:
+        # Aim for target-size blocks, but keep at least two blocks per thread for balance.
+        target = min(math.ceil(n / (2 * nthreads)), target_bytes // per_row)
         merged = [0]
         for b in bounds[1:]:
             if b - merged[-1] >= target or b == n:
                 merged.append(int(b))
         bounds = np.array(merged)
     out = []
-    max_rows = max(1, _MAX_BLOCK_BYTES // per_row)
+    max_rows = max(1, config.get_bytes("blocks.max-bytes") // per_row)
     for a, b in itertools.pairwise(bounds.tolist()):
         pieces = max(1, math.ceil((b - a) / max_rows))
         edges = np.linspace(a, b, pieces + 1).astype(int)
@@ -210,7 +216,7 @@ def _row_splits(chunks: tuple[int, ...], per_row: int, nthreads: int) -> list[tu
 
 
 def _split_numpy(n: int, per_row: int, nthreads: int) -> list[tuple[int, int]]:
-    nblocks = max(2 * nthreads, math.ceil(n * per_row / _TARGET_BLOCK_BYTES))
+    nblocks = max(2 * nthreads, math.ceil(n * per_row / config.get_bytes("blocks.target-bytes")))
     nblocks = min(nblocks, n)
     edges = np.linspace(0, n, nblocks + 1).astype(int)
     return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
@@ -274,18 +280,18 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
     return Blocks(backend, handles, starts, sizes, n, d, dtype, streamed=stream)
 
 
-def compute_stats(blocks: Blocks, seed: int, name: str) -> dict:
-    """The validation / moments pass (pass 1 of every fit)."""
+def compute_stats(blocks: Blocks, seed: int, keys: Keys) -> dict:
+    """The validation and moments pass (pass 1 of every fit); sets ``blocks.stats``."""
     be = blocks.backend
     futs = be.map(
         kernels.block_stats,
         blocks.handles,
         [seed] * blocks.nblocks,
         blocks.starts.tolist(),
-        name=f"{name}-stats",
+        name=keys("data", "stats"),
     )
     st = be.reduce(
-        futs, kernels.combine_block_stats, name=f"{name}-stats-sum", nbytes=40 * blocks.d
+        futs, kernels.combine_block_stats, name=keys("data", "reduce"), nbytes=40 * blocks.d
     )
     if st["n_bad"]:
         raise ValueError(
@@ -301,12 +307,12 @@ def compute_stats(blocks: Blocks, seed: int, name: str) -> dict:
     return st
 
 
-def centre_stats(blocks: Blocks) -> np.ndarray:
-    """Switch ``blocks.stats`` to describe the data centred on its mean; return the shift.
+def center_stats(blocks: Blocks) -> np.ndarray:
+    """Switch ``blocks.stats`` to describe the data centered on its mean; return the shift.
 
-    Like scikit-learn's Lloyd, dkm centres X for the accuracy of the expanded distance. The
-    statistics are updated without another pass; the blocks themselves are centred by
-    :func:`centre` or, for k-means||, inside its first round (no extra pass).
+    Like scikit-learn's Lloyd, dkm centers X for the accuracy of the expanded distance. The
+    statistics are updated without another pass; the blocks themselves are centered by
+    :func:`center` or, for k-means||, inside its first round (no extra pass).
     """
     st = blocks.stats
     shift = st["mean"].astype(blocks.dtype)
@@ -321,13 +327,31 @@ def centre_stats(blocks: Blocks) -> np.ndarray:
     return shift
 
 
-def centre(blocks: Blocks, name: str) -> None:
+def center(blocks: Blocks, keys: Keys) -> None:
     """Subtract the data mean from every block (one in-memory pass)."""
-    shift = centre_stats(blocks)
+    shift = center_stats(blocks)
     be = blocks.backend
     if be.is_distributed:
         blocks.handles = be.map(
-            kernels.centre_block, blocks.handles, [shift] * blocks.nblocks, name=f"{name}-centre"
+            kernels.center_block,
+            blocks.handles,
+            [shift] * blocks.nblocks,
+            name=keys("data", "center"),
         )
     else:
-        blocks.handles = [kernels.centre_block(h, shift) for h in blocks.handles]
+        blocks.handles = [kernels.center_block(h, shift) for h in blocks.handles]
+
+
+def rows_array(blocks: Blocks, handles: list, dtype) -> da.Array:
+    """A dask array over one per-block vector (e.g. labels) left where the blocks are.
+
+    On a cluster the pieces stay on the workers until computed; locally they are joined.
+    """
+    if blocks.backend.is_distributed:
+        parts = [
+            da.from_delayed(f, shape=(int(s),), dtype=dtype)
+            for f, s in zip(handles, blocks.sizes, strict=True)
+        ]
+        return da.concatenate(parts) if len(parts) > 1 else parts[0]
+    values = np.concatenate(blocks.backend.gather(handles))
+    return da.from_array(values, chunks=(tuple(int(s) for s in blocks.sizes),))

@@ -1,11 +1,11 @@
-"""Per-chunk kernels for k-means.
+"""Per-block kernels every model shares: loading a block, the distance / assignment kernel,
+per-cluster partial sums, and the statistics pass.
 
 Every function here works on one block of rows held in memory on a worker (or in the local
-thread pool) and returns small results: per-cluster sums and counts, a few candidate rows, a
-labels vector. The drivers in :mod:`dkm.kmeans.lloyd`, :mod:`dkm.kmeans.init` and
-:mod:`dkm.kmeans.minibatch` only ever ship centroids in and these small results out.
+thread pool) and returns small results: per-cluster sums and counts, a few rows, a labels
+vector. The model drivers only ever ship parameters in and these small results out.
 
-Blocks hold rows *centred* on the data mean (as scikit-learn does before Lloyd: the expanded
+Blocks hold rows *centered* on the data mean (as scikit-learn does before Lloyd: the expanded
 distance ``||c||^2 - 2 x.c`` loses precision when ``||x||`` is large compared with the
 distances). Distances are computed tile by tile as ``x @ (-2 C)^T + ||c||^2``, the same
 float32 operations as scikit-learn's GEMM with ``alpha=-2, beta=1``, so ties break the same
@@ -18,11 +18,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Target size of one rows x k distance tile. Small enough to stay in L2 so that the argmin
-# reads it from cache right after the GEMM wrote it (measured: 2048 x 256 float32 tiles were
-# 35% faster than whole-block distance matrices).
-_TILE_BYTES = 2 * 1024 * 1024
-_X_TILE_BYTES = 512 * 1024
+from dkm import config
+from dkm._parallel.random import row_uniforms
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes of the distance kernel, read once on the client and shipped to the tasks.
+
+    ``tile_bytes``: one rows x k distance tile, small enough to stay in L2 so that the argmin
+    reads it from cache right after the GEMM wrote it (measured: 2048 x 256 float32 tiles were
+    35% faster than whole-block distance matrices). ``x_tile_bytes``: rows of x per tile in
+    the fused step, so the partial sums read x from cache too.
+    """
+
+    tile_bytes: int = 2 * 2**20
+    x_tile_bytes: int = 512 * 2**10
+
+    @classmethod
+    def from_config(cls) -> Tiles:
+        return cls(config.get_bytes("kernels.tile-bytes"), config.get_bytes("kernels.x-tile-bytes"))
+
+    def rows(self, k: int, itemsize: int) -> int:
+        """Rows per distance tile for ``k`` centres."""
+        return int(max(256, min(65536, self.tile_bytes // max(1, k * itemsize))))
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,7 +67,7 @@ class ZarrRows:
             x -= self.shift
         return x
 
-    def centred(self, shift: np.ndarray) -> ZarrRows:
+    def centered(self, shift: np.ndarray) -> ZarrRows:
         return ZarrRows(self.store, self.variable, self.start, self.stop, self.dtype, shift)
 
 
@@ -57,9 +76,9 @@ def as_block(x, dtype) -> np.ndarray:
     return np.array(x, dtype=dtype, order="C", copy=True)
 
 
-def centre_block(block, shift: np.ndarray):
+def center_block(block, shift: np.ndarray):
     if isinstance(block, ZarrRows):
-        return block.centred(shift)
+        return block.centered(shift)
     return block - shift
 
 
@@ -80,10 +99,6 @@ def pack_centers(centers: np.ndarray, dtype: np.dtype) -> np.ndarray:
     packed[:-1] = (-2 * c).T
     packed[-1] = np.einsum("ij,ij->i", c, c)
     return packed
-
-
-def tile_rows(k: int, itemsize: int) -> int:
-    return int(max(256, min(65536, _TILE_BYTES // max(1, k * itemsize))))
 
 
 def nearest_tiles(x: np.ndarray, packed: np.ndarray, step: int):
@@ -108,7 +123,7 @@ def nearest_tiles(x: np.ndarray, packed: np.ndarray, step: int):
         yield s, m, xt, dist, lab[:m]
 
 
-def assign(x: np.ndarray, packed: np.ndarray, want_d2: bool = True):
+def assign(x: np.ndarray, packed: np.ndarray, tiles: Tiles, want_d2: bool = True):
     """Nearest centroid of every row.
 
     Returns ``labels`` (int32) and, if asked, ``d2`` (squared distance, same float dtype,
@@ -117,7 +132,7 @@ def assign(x: np.ndarray, packed: np.ndarray, want_d2: bool = True):
     n = x.shape[0]
     labels = np.empty(n, dtype=np.int32)
     d2 = np.empty(n, dtype=x.dtype) if want_d2 else None
-    for s, m, xt, dist, lab in nearest_tiles(x, packed, tile_rows(packed.shape[1], x.itemsize)):
+    for s, m, xt, dist, lab in nearest_tiles(x, packed, tiles.rows(packed.shape[1], x.itemsize)):
         labels[s : s + m] = lab
         if want_d2:
             d2[s : s + m] = np.maximum(dist[np.arange(m), lab] + np.einsum("ij,ij->i", xt, xt), 0)
@@ -175,7 +190,7 @@ def _numba_accumulate():
 # --------------------------------------------------------------------------------------------
 
 
-def lloyd_step(block, packed: np.ndarray, prev_labels):
+def lloyd_step(block, packed: np.ndarray, prev_labels, tiles: Tiles):
     """E-step and partial M-step on one block.
 
     Returns ``(labels, stats)`` where ``stats = (sums (k, d) float64, counts (k,) int64,
@@ -187,10 +202,10 @@ def lloyd_step(block, packed: np.ndarray, prev_labels):
     labels = np.empty(n, dtype=np.int32)
     sums = np.zeros((k, d), dtype=np.float64)
     acc = _numba_accumulate()
-    # Rows per tile: the distance tile stays in L2 (see tile_rows) and so does the x tile,
+    # Rows per tile: the distance tile stays in L2 (see Tiles) and so does the x tile,
     # so that the partial sums read x from cache right after the GEMM did. For wide rows
     # (pixels, d=784) this is what keeps a step at about one pass over memory, not two.
-    step = max(64, min(tile_rows(k, x.itemsize), _X_TILE_BYTES // max(1, d * x.itemsize)))
+    step = max(64, min(tiles.rows(k, x.itemsize), tiles.x_tile_bytes // max(1, d * x.itemsize)))
     for s, m, xt, _dist, lab in nearest_tiles(x, packed, step):
         labels[s : s + m] = lab
         if acc is not None:
@@ -224,14 +239,14 @@ def combine_stats(*parts):
     return sums, counts, moved
 
 
-def farthest_rows(block, packed: np.ndarray, m: int, start: int):
+def farthest_rows(block, packed: np.ndarray, m: int, start: int, tiles: Tiles):
     """The ``m`` rows of a block farthest from their nearest centroid.
 
     Returns ``(d2, global_index, labels, rows)`` sorted by decreasing ``d2``; used to re-seed
     empty clusters the way scikit-learn does.
     """
     x = load(block)
-    labels, d2 = assign(x, packed)
+    labels, d2 = assign(x, packed, tiles)
     m = min(m, len(d2))
     idx = np.argpartition(d2, len(d2) - m)[len(d2) - m :] if m < len(d2) else np.arange(len(d2))
     order = idx[np.argsort(-d2[idx], kind="stable")]
@@ -240,10 +255,6 @@ def farthest_rows(block, packed: np.ndarray, m: int, start: int):
 
 def take_rows(block, local_index: np.ndarray) -> np.ndarray:
     return load(block)[local_index].copy()
-
-
-def combine_rows(*parts):
-    return np.concatenate(parts, axis=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,124 +306,8 @@ def combine_block_stats(*parts):
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Chunking-independent random numbers
-# --------------------------------------------------------------------------------------------
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    z = z + _GOLD
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-def row_uniforms(seed: int, stream: int, start: int, n: int) -> np.ndarray:
-    """Uniform [0, 1) numbers for global rows ``start .. start + n``.
-
-    A counter-based hash of (seed, stream, global row) rather than a per-block generator:
-    dask's per-block RNG makes samples depend on the chunking (CONVENTIONS section 3), this
-    does not, so k-means|| and mini-batch give the same result for any chunking.
-    """
-    with np.errstate(over="ignore"):
-        key = _splitmix64(np.array([seed, stream], dtype=np.uint64)).sum(dtype=np.uint64)
-        rows = np.arange(start, start + n, dtype=np.uint64)
-        z = _splitmix64(_splitmix64(rows ^ key) + np.uint64(stream))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-# --------------------------------------------------------------------------------------------
-# k-means||
-# --------------------------------------------------------------------------------------------
-
-
-def parallel_round(
-    block, d2_prev, packed_new, seed: int, rnd: int, start: int, ell: float, shift=None
-):
-    """One k-means|| round on a block.
-
-    Updates the block's running min squared distance with the candidates added last round
-    only (``packed_new``), then returns every row that *could* be selected this round: a row
-    is selected globally when ``ell * d2 / u > phi`` (``u`` uniform), and since the block's own
-    cost ``phi_b <= phi`` the rows with ``ell * d2 / u > phi_b`` are a superset (about ``ell``
-    of them per block in expectation). The driver keeps those whose key beats the global
-    ``phi``; this is exact Bernoulli sampling with ``p = min(1, ell d2 / phi)`` in one pass.
-
-    With ``shift`` the block is first centred and the centred block is returned too (the
-    first round doubles as the centring pass).
-
-    Returns ``(d2, (phi_b, keys, global_index, rows), centred block or None)``.
-    """
-    x = load(block)
-    centred = None
-    if shift is not None:
-        centred = centre_block(block, shift)
-        x = load(centred)
-    if packed_new.shape[1] == 0:  # nothing was selected last round
-        d2 = d2_prev
-    else:
-        _, d2_new = assign(x, packed_new)
-        d2 = d2_new.astype(np.float64) if d2_prev is None else np.minimum(d2_prev, d2_new)
-    phi_b = float(d2.sum())
-    u = row_uniforms(seed, rnd, start, len(d2))
-    with np.errstate(divide="ignore"):
-        keys = ell * d2 / np.maximum(u, 1e-300)
-    sel = np.flatnonzero(keys > phi_b)
-    return d2, (phi_b, keys[sel], sel + start, x[sel].copy()), centred
-
-
-def round_result(step):
-    return step[1]
-
-
-def round_d2(step):
-    return step[0]
-
-
-def round_block(step):
-    return step[2]
-
-
-def candidate_weights(block, packed: np.ndarray):
-    """Number of rows of the block nearest to each candidate (Bahmani et al. step 7)."""
-    labels, _ = assign(load(block), packed, want_d2=False)
-    return np.bincount(labels, minlength=packed.shape[1]).astype(np.int64)
-
-
 def add_arrays(*parts):
     out = parts[0].copy()
     for p in parts[1:]:
         out += p
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Predict / transform on raw chunks, for dask map_blocks
-# --------------------------------------------------------------------------------------------
-
-
-def predict_chunk(x: np.ndarray, centers_c: np.ndarray, shift: np.ndarray, dtype) -> np.ndarray:
-    """Labels of raw rows, centred with the fitted mean exactly as during the fit."""
-    xc = np.asarray(x, dtype=dtype) - shift
-    labels, _ = assign(xc, pack_centers(centers_c, np.dtype(dtype)), want_d2=False)
-    return labels
-
-
-def transform_chunk(x: np.ndarray, centers_c: np.ndarray, shift: np.ndarray, dtype) -> np.ndarray:
-    """Euclidean distances to every centroid (float, ``(n, k)``)."""
-    xc = np.asarray(x, dtype=dtype) - shift
-    c = np.asarray(centers_c, dtype=dtype)
-    d2 = np.einsum("ij,ij->i", xc, xc)[:, None] - 2 * (xc @ c.T) + np.einsum("ij,ij->i", c, c)
-    return np.sqrt(np.maximum(d2, 0))
-
-
-def score_chunk(x: np.ndarray, centers_c: np.ndarray, shift: np.ndarray, dtype) -> np.ndarray:
-    """Sum of squared distances of the chunk's rows to their nearest centroid, as (1,)."""
-    xc = np.asarray(x, dtype=dtype) - shift
-    labels, _ = assign(xc, pack_centers(centers_c, np.dtype(dtype)), want_d2=False)
-    diff = xc.astype(np.float64) - np.asarray(centers_c, dtype=np.float64)[labels]
-    return np.array([np.einsum("ij,ij->", diff, diff)])

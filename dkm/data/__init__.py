@@ -1,1 +1,3 @@
-"""Datasets, their readers and Zarr layout, and patches."""
+"""The data stage: named datasets (``catalog``), the file formats they ship in (``readers``),
+checked downloads (``download``), and how every dkm Zarr store is marked, written atomically
+and recognised again (``store``)."""

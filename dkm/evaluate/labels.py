@@ -19,7 +19,6 @@ __all__ = [
     "majority_accuracy",
     "nmi",
     "one_to_one_accuracy",
-    "reconstruction_rmse",
 ]
 
 
@@ -81,12 +80,3 @@ def nmi(table: np.ndarray) -> float:
         return 1.0
     denominator = (h_label + h_cluster) / 2
     return float(_mutual_information(table) / denominator) if denominator > 0 else 0.0
-
-
-def reconstruction_rmse(inertia: float, n_samples: int, n_features: int) -> float:
-    """Root mean squared error per feature of replacing each vector by its centroid.
-
-    For patches in [0, 1] this is the per-pixel RMSE of the patch-dictionary reconstruction
-    (each patch drawn as its nearest centroid).
-    """
-    return float(np.sqrt(inertia / (n_samples * n_features)))

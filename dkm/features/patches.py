@@ -12,44 +12,140 @@ has to exist in one process.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 
-from dkm.data.store import rows_per_chunk, write_atomic
+from dkm import config
+from dkm._validation import Interval, problems
+from dkm.data.store import StoreError, read_attrs, rows_per_chunk, write_atomic
 
-__all__ = ["PatchLayout", "extract_patches", "stitch_patches", "write_patches"]
-
-PATCH_CHUNK_BYTES = 64 * 2**20
+__all__ = ["PatchGrid", "PatchLayout", "extract_patches", "stitch_patches", "write_patches"]
 
 
+@dataclass(frozen=True)
 class PatchLayout:
-    """The patch grid over one padded image.
+    """How images are cut: window side, step, zero padding, whether all-zero patches go.
+
+    The one owner of the patch conventions: the stride default (the size: non-overlapping
+    windows), the rules each value must meet, the tag that names a patch store, the attrs a
+    patch store records and the check that a stored matrix has this layout.
+
+    Parameters
+    ----------
+    size : int
+        Window side in pixels.
+    stride : int, optional
+        Step between window corners; defaults to ``size``.
+    pad : int, default 0
+        Zeros added on every side of the image first.
+    drop_empty : bool, default False
+        Leave out all-zero patches.
+    """
+
+    size: int
+    stride: int | None = None
+    pad: int = 0
+    drop_empty: bool = False
+
+    RULES: ClassVar[dict[str, list]] = {
+        "size": [Interval(int, 1)],
+        "stride": [Interval(int, 1), None],
+        "pad": [Interval(int, 0)],
+        "drop_empty": ["boolean"],
+    }
+
+    def __post_init__(self):
+        given = {"size": self.size, "stride": self.stride, "pad": self.pad}
+        found = problems({**given, "drop_empty": self.drop_empty}, self.RULES)
+        if found:
+            raise ValueError("; ".join(f"patch {name} {msg}" for name, msg in found))
+        object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "stride", int(self.size if self.stride is None else self.stride))
+        object.__setattr__(self, "pad", int(self.pad))
+        object.__setattr__(self, "drop_empty", bool(self.drop_empty))
+
+    @property
+    def tag(self) -> str:
+        """Names a patch store: ``patches-5x5-s5-p1`` (``-nz`` when empty patches dropped)."""
+        tag = f"patches-{self.size}x{self.size}-s{self.stride}-p{self.pad}"
+        return tag + ("-nz" if self.drop_empty else "")
+
+    def attrs(self) -> dict[str, int]:
+        """What a patch store records of its layout (and :meth:`from_attrs` reads back)."""
+        return {
+            "patch_size": self.size,
+            "stride": self.stride,
+            "pad": self.pad,
+            "drop_empty": int(self.drop_empty),
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> PatchLayout:
+        return cls(
+            int(attrs["patch_size"]),
+            int(attrs["stride"]),
+            int(attrs["pad"]),
+            bool(attrs.get("drop_empty", 0)),
+        )
+
+    def check_store(self, path: str | os.PathLike) -> None:
+        """Raise :class:`StoreError` unless ``path`` holds patches cut with this layout."""
+        attrs = read_attrs(path)
+        if "patch_size" not in attrs:
+            raise StoreError(f"{path}: not a patch store (no patch layout in its attrs)")
+        have = {key: attrs.get(key) for key in self.attrs()}
+        if have != self.attrs():
+            raise StoreError(f"{path}: holds patches {have}, not {self.attrs()}")
+
+    def image_problems(self, image_shape: tuple[int, ...]) -> list[str]:
+        """Why this layout cannot cut images of ``image_shape`` (empty when it can)."""
+        padded = (image_shape[0] + 2 * self.pad, image_shape[1] + 2 * self.pad)
+        if min(padded) < self.size:
+            return [
+                f"patch size {self.size} is larger than the padded image "
+                f"{padded[0]}x{padded[1]} ({image_shape[0]}x{image_shape[1]} with pad {self.pad})"
+            ]
+        return []
+
+    def tile_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """How one patch vector is drawn: ``(size, size[, channel])``."""
+        if len(image_shape) == 3:
+            return (self.size, self.size, int(image_shape[2]))
+        return (self.size, self.size)
+
+    def grid(self, image_shape: tuple[int, ...]) -> PatchGrid:
+        """The window grid over one padded image of ``image_shape``."""
+        return PatchGrid(image_shape, self)
+
+
+class PatchGrid:
+    """The window grid of a :class:`PatchLayout` over one padded image (made by
+    :meth:`PatchLayout.grid`, which has already checked the layout's values).
 
     Parameters
     ----------
     image_shape : tuple of int
         ``(y, x)`` or ``(y, x, channel)`` of one unpadded image.
-    size, stride, pad : int
+    layout : PatchLayout
         Window side, step between windows, zero padding on every side.
     """
 
-    def __init__(self, image_shape: tuple[int, ...], size: int, stride: int, pad: int):
+    def __init__(self, image_shape: tuple[int, ...], layout: PatchLayout):
         if len(image_shape) not in (2, 3):
             raise ValueError(f"images must be (y, x) or (y, x, channel), got {image_shape}")
-        for key, value, low in (("size", size, 1), ("stride", stride, 1), ("pad", pad, 0)):
-            if int(value) != value or value < low:
-                raise ValueError(f"patch {key} must be an integer >= {low}, got {value!r}")
         self.image_shape = tuple(int(s) for s in image_shape)
-        self.size, self.stride, self.pad = int(size), int(stride), int(pad)
-        self.padded = (self.image_shape[0] + 2 * pad, self.image_shape[1] + 2 * pad)
-        if min(self.padded) < size:
-            raise ValueError(f"patch size {size} is larger than the padded image {self.padded}")
-        self.n_rows = (self.padded[0] - size) // stride + 1
-        self.n_cols = (self.padded[1] - size) // stride + 1
+        problem = layout.image_problems(self.image_shape)
+        if problem:
+            raise ValueError(problem[0])
+        self.size, self.stride, self.pad = layout.size, layout.stride, layout.pad
+        self.padded = (self.image_shape[0] + 2 * self.pad, self.image_shape[1] + 2 * self.pad)
+        self.n_rows = (self.padded[0] - self.size) // self.stride + 1
+        self.n_cols = (self.padded[1] - self.size) // self.stride + 1
         self.channels = self.image_shape[2] if len(self.image_shape) == 3 else 0
 
     @property
@@ -78,7 +174,7 @@ class PatchLayout:
         }
 
 
-def _windows(block: np.ndarray, layout: PatchLayout) -> np.ndarray:
+def _windows(block: np.ndarray, layout: PatchGrid) -> np.ndarray:
     """All windows of a block of images as an ``(n * per_image, n_features)`` view/copy."""
     p, k, s = layout.pad, layout.size, layout.stride
     widths = [(0, 0), (p, p), (p, p)] + [(0, 0)] * (block.ndim - 3)
@@ -97,7 +193,7 @@ def _scale(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _patch_block(block: np.ndarray, layout: PatchLayout, drop_empty: bool) -> np.ndarray:
+def _patch_block(block: np.ndarray, layout: PatchGrid, drop_empty: bool) -> np.ndarray:
     win = _windows(block, layout)
     if drop_empty:
         win = win[win.any(axis=1)]
@@ -105,7 +201,7 @@ def _patch_block(block: np.ndarray, layout: PatchLayout, drop_empty: bool) -> np
 
 
 def _coord_block(
-    block: np.ndarray, ids: np.ndarray, layout: PatchLayout, drop_empty: bool
+    block: np.ndarray, ids: np.ndarray, layout: PatchGrid, drop_empty: bool
 ) -> np.ndarray:
     rows, cols = layout.grid()
     n = block.shape[0]
@@ -118,7 +214,7 @@ def _coord_block(
     return out
 
 
-def _count_block(block: np.ndarray, layout: PatchLayout) -> np.ndarray:
+def _count_block(block: np.ndarray, layout: PatchGrid) -> np.ndarray:
     return np.array([np.count_nonzero(_windows(block, layout).any(axis=1))], dtype=np.int64)
 
 
@@ -152,7 +248,7 @@ def extract_patches(
     pad: int = 0,
     drop_empty: bool = False,
     *,
-    chunk_bytes: int = PATCH_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> xr.DataArray:
     """Cut every image into ``size x size`` patch vectors, lazily and chunk-wise.
 
@@ -170,8 +266,8 @@ def extract_patches(
     drop_empty : bool, default False
         Leave out patches whose pixels are all zero. This needs one cheap counting pass over
         the images when called, so that the result has known chunk sizes.
-    chunk_bytes : int, default 64 MiB
-        Aim for output chunks of about this size.
+    chunk_bytes : int, optional
+        Aim for output chunks of about this size (default ``dkm.store.feature-chunk-bytes``).
 
     Returns
     -------
@@ -187,8 +283,8 @@ def extract_patches(
     (72, 25)
     """
     data, ids = _as_image_array(images)
-    stride = size if stride is None else stride
-    layout = PatchLayout(data.shape[1:], size, stride, pad)
+    layout = PatchLayout(size, stride, pad, drop_empty).grid(data.shape[1:])
+    chunk_bytes = chunk_bytes or config.get_bytes("store.feature-chunk-bytes")
     if layout.per_image == 0:
         raise ValueError(f"no {size}x{size} patch fits the image {layout.image_shape}")
 
@@ -277,7 +373,7 @@ def write_patches(
         ds = ds.chunk({"patch": rows})
     ds.attrs.update({**(source_attrs or {}), **patches.attrs})
     encoding = {name: {"chunks": (rows, *ds[name].shape[1:])} for name in ds.variables}
-    return write_atomic(ds, path, encoding=encoding, overwrite=overwrite)
+    return write_atomic(ds, path, kind="patches", encoding=encoding, overwrite=overwrite)
 
 
 def _stitch_block(
@@ -285,7 +381,7 @@ def _stitch_block(
     coords: np.ndarray,
     first_image: int,
     n_images: int,
-    layout: PatchLayout,
+    layout: PatchGrid,
 ) -> np.ndarray:
     k, (hp, wp), ch = layout.size, layout.padded, layout.channels
     shape = (n_images, hp, wp) + ((ch,) if ch else ())
@@ -310,7 +406,7 @@ def _stitch_block(
 def stitch_patches(
     patches: xr.DataArray,
     *,
-    images_per_block: int = 1024,
+    images_per_block: int | None = None,
 ) -> xr.DataArray:
     """Reassemble images from patches made by :func:`extract_patches` (its inverse).
 
@@ -324,8 +420,8 @@ def stitch_patches(
         ``(patch, feature)`` with coordinates ``image``, ``row``, ``col`` and the layout
         attrs that :func:`extract_patches` writes; patches may be reconstructions (e.g. the
         nearest centroid of each patch) as long as those coordinates are kept.
-    images_per_block : int, default 1024
-        Output chunk size along ``image``.
+    images_per_block : int, optional
+        Output chunk size along ``image`` (default ``dkm.store.stitch-images-per-block``).
 
     Returns
     -------
@@ -343,7 +439,8 @@ def stitch_patches(
             f"patches lack the layout attrs {missing}; were they made by extract_patches?"
         )
     a = patches.attrs
-    layout = PatchLayout(tuple(a["image_shape"]), a["patch_size"], a["stride"], a["pad"])
+    layout = PatchLayout.from_attrs(a).grid(tuple(a["image_shape"]))
+    images_per_block = images_per_block or int(config.get("store.stitch-images-per-block"))
     n_images = int(a["n_images"])
     image = np.asarray(patches["image"].values, dtype=np.int64)
     if image.size and (np.any(np.diff(image) < 0) or image[0] < 0 or image[-1] >= n_images):

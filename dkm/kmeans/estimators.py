@@ -1,137 +1,110 @@
-"""scikit-learn style estimators: :class:`KMeans` (and the shared input/predict machinery)."""
+"""scikit-learn style k-means estimators: :class:`KMeans` (Lloyd) and :class:`MiniBatchKMeans`.
+
+Both share one initialisation (:func:`dkm.kmeans.init.initialize`), one final assignment pass
+(:func:`dkm.kmeans.lloyd.assign_pass`) and predict / transform / score; each declares its
+parameter rules once in ``_param_rules``, which job files are checked against too.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import dask.array as da
 import numpy as np
 import xarray as xr
-from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
+from sklearn.base import ClusterMixin, TransformerMixin
 from sklearn.utils import check_random_state
 
-from dkm._parallel import kernels
 from dkm._parallel.backend import get_backend
-from dkm._parallel.blocks import Blocks, Source, as_source, centre, compute_stats, load_blocks
-from dkm.kmeans.init import (
-    INIT_METHODS,
-    check_init_array,
-    kmeans_parallel_init,
-    kmeans_plusplus_init,
-    random_init,
-    sample_init,
-)
-from dkm.kmeans.lloyd import EMPTY_POLICIES, lloyd
+from dkm._parallel.base import FitState, ParallelEstimator, history_dataset
+from dkm._parallel.blocks import Blocks, center, compute_stats, load_blocks, rows_array
+from dkm._parallel.kernels import Tiles
+from dkm._parallel.keys import Keys
+from dkm._validation import Interval, Options
+from dkm.kmeans import _kernels
+from dkm.kmeans.init import INIT_METHODS, check_init_array, init_on_rows, initialize
+from dkm.kmeans.lloyd import EMPTY_POLICIES, LloydProgress, assign_pass, lloyd, objective
+from dkm.kmeans.minibatch import minibatch
+
+__all__ = ["KMeans", "MiniBatchKMeans"]
+
+_COMMON_RULES = {
+    "n_clusters": [Interval(int, 1)],
+    "init": [Options(*INIT_METHODS), "array-like"],
+    "max_iter": [Interval(int, 1)],
+    "tol": [Interval(float, 0)],
+    "random_state": ["random_state", None],
+    "oversampling_factor": [Interval(float, 0, closed="neither")],
+    "init_max_iter": [Interval(int, 1), None],
+    "init_size": [Interval(int, 1), None],
+    "dtype": ["dtype"],
+    "persist": [Options("auto"), "boolean"],
+    "variable": ["string", None],
+}
 
 
-def _history_dataset(history: dict[str, list]) -> xr.Dataset:
-    """Per-iteration lists as a Dataset over a 1-based ``iteration`` coordinate."""
-    n = len(history["inertia"])
-    return xr.Dataset(
-        {key: ("iteration", np.asarray(v[:n])) for key, v in history.items()},
-        coords={"iteration": np.arange(1, n + 1)},
-    )
+class _KMeansBase(ClusterMixin, TransformerMixin, ParallelEstimator):
+    """What both k-means estimators share: data checks, initialisation, predict/transform."""
 
+    def _check_data(self, n_samples: int, n_features: int) -> None:
+        if self.n_clusters > n_samples:
+            raise ValueError(f"n_clusters={self.n_clusters} must be <= n_samples={n_samples}")
+        if not isinstance(self.init, str):
+            check_init_array(self.init, self.n_clusters, n_features)
 
-def _labels_array(blocks: Blocks, label_handles: list) -> da.Array:
-    """A dask array over the final per-block labels (no recomputation, no data re-read)."""
-    if blocks.backend.is_distributed:
-        parts = [
-            da.from_delayed(f, shape=(int(s),), dtype=np.int32)
-            for f, s in zip(label_handles, blocks.sizes, strict=True)
-        ]
-        return da.concatenate(parts) if len(parts) > 1 else parts[0]
-    labels = np.concatenate(blocks.backend.gather(label_handles))
-    return da.from_array(labels, chunks=(tuple(int(s) for s in blocks.sizes),))
+    def _draw_seeds(self, n: int) -> list[int]:
+        """The seed of each start, drawn up front so a resumed fit uses the same ones."""
+        rs = check_random_state(self.random_state)
+        return [int(rs.randint(np.iinfo(np.int32).max)) for _ in range(n)]
 
-
-class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
-    """Validation, prediction and transformation shared by the k-means estimators."""
-
-    def _source(self, X: Any) -> Source:
-        return as_source(X, dtype=self.dtype, variable=getattr(self, "variable", None))
-
-    def _check_params(self, n_samples: int, n_features: int) -> None:
-        k = self.n_clusters
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"n_clusters must be a positive integer, got {k!r}")
-        if k > n_samples:
-            raise ValueError(f"n_clusters={k} must be <= n_samples={n_samples}")
-        init = self.init
-        if isinstance(init, str):
-            if init not in INIT_METHODS:
-                raise ValueError(f"init must be one of {INIT_METHODS} or an array, got {init!r}")
-        else:
-            check_init_array(init, k, n_features)
-
-    def _check_fitted_input(self, src: Source) -> None:
-        from sklearn.utils.validation import check_is_fitted
-
-        check_is_fitted(self, "cluster_centers_")
-        if src.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {src.shape[1]} features, but {type(self).__name__} was fitted with "
-                f"{self.n_features_in_}"
-            )
-
-    def _initial_centers(
-        self, blocks: Blocks, seed: int, name: str, first: bool
+    def _initialize(
+        self, blocks: Blocks, seed: int, keys: Keys, center_blocks: bool
     ) -> tuple[np.ndarray, dict]:
-        """Initial centres (centred coordinates); on the first run also centres the blocks."""
-        k = self.n_clusters
         t0 = time.perf_counter()
-        info: dict = {}
-        init = self.init
-        if first and not (isinstance(init, str) and init == "k-means||"):
-            centre(blocks, name)
-        if not isinstance(init, str):
-            # Centred like the data, in the working dtype (as scikit-learn does).
-            centers = check_init_array(init, k, blocks.d).astype(blocks.dtype) - blocks.shift
-            info = {"passes": 0}
-        elif init == "k-means||":
-            centers, info = kmeans_parallel_init(
-                blocks,
-                k,
-                seed,
-                oversampling_factor=self.oversampling_factor,
-                max_iter=self.init_max_iter,
-                name=f"{name}-kmpar",
-                centre=first,
-            )
-        elif init == "k-means++":
-            centers = kmeans_plusplus_init(
-                blocks, k, seed, init_size=getattr(self, "init_size", None), name=f"{name}-kpp"
-            )
-        elif init == "sample":
-            centers = sample_init(blocks, k, seed, name=f"{name}-sample")
-        else:
-            centers = random_init(blocks, k, seed)
+        centers, info = initialize(
+            blocks,
+            self.init,
+            self.n_clusters,
+            seed,
+            keys,
+            center_blocks=center_blocks,
+            init_size=self.init_size,
+            oversampling_factor=self.oversampling_factor,
+            rounds=self.init_max_iter,
+        )
         info["seconds"] = time.perf_counter() - t0
         return centers, info
 
-    def _apply(self, X: Any, fn, out_cols: int | None, dtype, per_chunk: bool = False):
-        """Apply a per-chunk kernel with the fitted (centred) centres.
+    def _final_pass(self, blocks: Blocks, centers: np.ndarray, keys: Keys, algorithm: str):
+        """Labels and inertia of final centres: one assignment pass over the data."""
+        _, labels, (sums, counts, _) = assign_pass(
+            blocks, centers, [None] * blocks.nblocks, keys, algorithm=algorithm, phase="final"
+        )
+        return labels, objective(blocks.stats["sq_norm_total"], centers, sums, counts)
 
-        numpy input is processed here in row chunks (no graph that would embed the array);
-        dask / xarray / Zarr input gives a lazy dask array over the input's chunks.
-        """
-        src = self._source(X)
-        self._check_fitted_input(src)
-        args = (self._centers_centred, self._x_mean, self.dtype)
-        if isinstance(src.array, np.ndarray):
-            arr = src.array
-            step = max(1, (32 * 2**20) // max(1, arr.shape[1] * 4))
-            parts = [fn(arr[s : s + step], *args) for s in range(0, len(arr), step)]
-            return np.concatenate(parts)
-        dsk = src.as_dask()
-        if per_chunk:  # one value per chunk
-            chunks = ((1,) * dsk.numblocks[0],)
-            return dsk.map_blocks(fn, *args, drop_axis=1, chunks=chunks, dtype=dtype)
-        if out_cols is None:
-            return dsk.map_blocks(fn, *args, drop_axis=1, dtype=dtype)
-        return dsk.map_blocks(fn, *args, chunks=(dsk.chunks[0], (out_cols,)), dtype=dtype)
+    def _set_model(self, centers_centered: np.ndarray, shift: np.ndarray) -> None:
+        self._x_mean = np.asarray(shift)
+        self._centers_centered = np.asarray(centers_centered)
+        self.cluster_centers_ = self._centers_centered + self._x_mean
+        self.n_features_in_ = int(self._centers_centered.shape[1])
+
+    def _restore(
+        self, centroids: np.ndarray, x_mean: np.ndarray, attrs: dict, history: xr.Dataset
+    ) -> None:
+        """Become the fitted model a results store recorded (see :func:`dkm.load_model`)."""
+        dtype = np.dtype(self.dtype)
+        shift = np.asarray(x_mean, dtype=dtype)
+        self._set_model(np.asarray(centroids, dtype=dtype) - shift, shift)
+        self.cluster_centers_ = np.asarray(centroids, dtype=dtype)
+        self.inertia_ = float(attrs["inertia"])
+        self.n_iter_ = int(attrs["n_iter"])
+        self.history_ = history
+        self.history_.attrs.update(attrs.get("history_attrs", {}))
+
+    def _kernel_args(self) -> tuple:
+        return (self._centers_centered, self._x_mean, self.dtype, Tiles.from_config())
 
     def predict(self, X: Any):
         """Index of the nearest centroid for each sample.
@@ -139,7 +112,9 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         Streams over the chunks of ``X``: for a dask / xarray / Zarr input the result is a
         lazy dask array; for numpy input a numpy array.
         """
-        return self._apply(X, kernels.predict_chunk, None, np.int32)
+        return self._map_rows(
+            X, _kernels.predict_chunk, self._kernel_args(), out_cols=None, dtype=np.int32
+        )
 
     def transform(self, X: Any):
         """Euclidean distance of each sample to every centroid, ``(n_samples, n_clusters)``.
@@ -147,37 +122,75 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         Lazy (dask) for dask / xarray / Zarr input, numpy for numpy input.
         """
         k = self.cluster_centers_.shape[0]
-        return self._apply(X, kernels.transform_chunk, k, self.dtype)
+        return self._map_rows(
+            X, _kernels.transform_chunk, self._kernel_args(), out_cols=k, dtype=self.dtype
+        )
 
     def score(self, X: Any, y=None) -> float:
         """Opposite of the sum of squared distances to the nearest centroid (computed)."""
-        parts = self._apply(X, kernels.score_chunk, None, np.float64, per_chunk=True)
-        if isinstance(parts, da.Array):
+        parts = self._map_rows(
+            X,
+            _kernels.score_chunk,
+            self._kernel_args(),
+            out_cols=None,
+            dtype=np.float64,
+            per_chunk=True,
+        )
+        if hasattr(parts, "compute"):
             parts = parts.compute()
         return -float(np.sum(parts))
 
-    def __getstate__(self):
-        # labels_ may hold futures of blocks on a cluster; pickle their values instead so
-        # that a fitted estimator can be saved (dask-ml #460).
-        state = self.__dict__.copy()
-        labels = state.get("labels_")
-        if isinstance(labels, da.Array):
-            state["labels_"] = np.asarray(labels.compute())
-            state["_labels_chunks"] = labels.chunks
-        return state
-
-    def __setstate__(self, state):
-        chunks = state.pop("_labels_chunks", None)
-        if chunks is not None:
-            state["labels_"] = da.from_array(state["labels_"], chunks=chunks)
-        self.__dict__.update(state)
-
     def fit_predict(self, X: Any, y=None, sample_weight=None):
         """Fit and return the labels (numpy for numpy input, else the lazy ``labels_``)."""
-        self.fit(X)
+        self.fit(X, sample_weight=sample_weight)
         if isinstance(X, np.ndarray):
             return self.labels_.compute()
         return self.labels_
+
+
+@dataclass
+class _Best:
+    """The best finished start of a fit (labels None when it was restored from a state)."""
+
+    start: int
+    centers: np.ndarray
+    inertia: float
+    n_iter: int
+    converged: str
+    history: dict
+    info: dict
+    tol_abs: float
+    labels: list | None
+
+    def state(self) -> FitState:
+        return FitState(
+            start=self.start,
+            iteration=self.n_iter,
+            params={"centers": self.centers.astype(np.float64)},
+            history=history_dataset(self.history),
+            info={
+                "inertia": self.inertia,
+                "n_iter": self.n_iter,
+                "converged": self.converged,
+                "tol_abs": self.tol_abs,
+                "init": self.info,
+            },
+        )
+
+    @classmethod
+    def from_state(cls, state: FitState, dtype) -> _Best:
+        info = state.info
+        return cls(
+            start=state.start,
+            centers=np.asarray(state.params["centers"]).astype(dtype),
+            inertia=float(info["inertia"]),
+            n_iter=int(info["n_iter"]),
+            converged=str(info["converged"]),
+            history={k: state.history[k].values.tolist() for k in state.history.data_vars},
+            info=dict(info.get("init", {})),
+            tol_abs=float(info["tol_abs"]),
+            labels=None,
+        )
 
 
 class KMeans(_KMeansBase):
@@ -216,8 +229,9 @@ class KMeans(_KMeansBase):
     dtype : float32 or float64, default float32
         Working precision. Integer and boolean inputs are cast to it as values (no scaling).
     persist : "auto", bool, default "auto"
-        Persist the data on the cluster once ("auto": when it fits in half of the cluster
-        memory); ``False`` streams a Zarr input from the store every iteration.
+        Persist the data on the cluster once ("auto": when it fits in the cluster memory
+        share ``dkm.blocks.persist-fraction``); ``False`` streams a Zarr input from the store
+        every iteration.
     variable : str, optional
         Variable to use when X is a Zarr store with several 2-D float variables.
     verbose : bool, default False
@@ -245,6 +259,13 @@ class KMeans(_KMeansBase):
     ``[-2 C, ||c||^2]`` gives the argmin, and float64 partial sums and counts are reduced in a
     tree; only a ``k x d`` array travels back per iteration.
     """
+
+    _param_rules: ClassVar = {
+        **_COMMON_RULES,
+        "n_init": [Interval(int, 1), Options("auto")],
+        "empty_cluster": [Options(*EMPTY_POLICIES)],
+        "verbose": ["boolean"],
+    }
 
     def __init__(
         self,
@@ -280,16 +301,11 @@ class KMeans(_KMeansBase):
         self.verbose = verbose
 
     def _n_init(self) -> int:
-        if self.n_init == "auto":
-            if isinstance(self.init, str) and self.init in ("random", "sample"):
-                return 10
-            return 1
-        if not isinstance(self.init, str) and self.n_init != 1:
+        if not isinstance(self.init, str):
             return 1  # an explicit array gives one deterministic start (scikit-learn warns)
-        n = int(self.n_init)
-        if n < 1:
-            raise ValueError(f"n_init must be >= 1, got {self.n_init}")
-        return n
+        if self.n_init == "auto":
+            return 10 if self.init in ("random", "sample") else 1
+        return int(self.n_init)
 
     def fit(
         self,
@@ -297,8 +313,8 @@ class KMeans(_KMeansBase):
         y=None,
         sample_weight=None,
         *,
-        callback: Callable[[dict], None] | None = None,
-        resume_from: dict | None = None,
+        callback: Callable[[FitState], None] | None = None,
+        resume_from: FitState | None = None,
     ) -> KMeans:
         """Compute k-means clustering.
 
@@ -310,15 +326,15 @@ class KMeans(_KMeansBase):
         sample_weight : None
             Not supported (raises if given).
         callback : callable, optional
-            Called after every Lloyd iteration with a state dict: ``iteration`` (1-based),
-            ``centers`` (float64, in the centred coordinates the iterations run in),
-            ``history`` (xarray Dataset so far) and ``state`` (what resuming needs besides).
-            Giving that dict back as ``resume_from`` continues the run exactly where it
-            stood. Needs ``n_init == 1``.
-        resume_from : dict, optional
-            A state from ``callback``: skips initialisation and continues the iterations.
-            Same data, chunking and ``random_state`` give the same final centroids as an
-            uninterrupted fit.
+            Called with a :class:`~dkm._parallel.base.FitState` once each start is
+            initialised (``iteration == 0``) and after every Lloyd iteration: the current
+            start, its centres (float64, in the centered coordinates the iterations run in),
+            its history so far, and the best finished start. The hook for checkpoints and
+            progress.
+        resume_from : FitState, optional
+            A state from ``callback``: skips what was done and continues. Same data,
+            chunking and ``random_state`` give the same final model as an uninterrupted fit,
+            for any ``n_init``.
 
         Returns
         -------
@@ -327,51 +343,70 @@ class KMeans(_KMeansBase):
         with get_backend().blas_limit():
             return self._fit(X, sample_weight, callback, resume_from)
 
-    def _fit(self, X: Any, sample_weight=None, callback=None, resume_from=None) -> KMeans:
-
+    def _fit(self, X: Any, sample_weight, callback, resume_from: FitState | None) -> KMeans:
         if sample_weight is not None:
             raise NotImplementedError("sample_weight is not supported by dkm.KMeans")
-        if self.empty_cluster not in EMPTY_POLICIES:
-            raise ValueError(
-                f"empty_cluster must be one of {EMPTY_POLICIES}, got {self.empty_cluster!r}"
-            )
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        self._validate_params()
         src = self._source(X)
         n, d = src.shape
-        self._check_params(n, d)
+        self._check_data(n, d)
         n_init = self._n_init()
-        if (callback is not None or resume_from is not None) and n_init != 1:
-            raise ValueError(f"callback and resume_from need n_init=1, got n_init={n_init}")
-        rs = check_random_state(self.random_state)
+        if resume_from is not None:
+            resume_from.check(n_init, {"centers": (self.n_clusters, d)})
+        seeds = self._draw_seeds(n_init)
+        kpar = isinstance(self.init, str) and self.init == "k-means||"
         backend = get_backend()
         t_load = time.perf_counter()
         blocks = load_blocks(src, backend, self.persist)
-        name = f"dkm-kmeans-{backend.new_token()}"
+        dtype = blocks.dtype
+        keys = Keys.new()
+        first = 0 if resume_from is None else resume_from.start
         best = None
-        for run in range(n_init):
-            seed = int(rs.randint(np.iinfo(np.int32).max))
-            if run == 0 or self.init == "k-means||":
-                # The statistics pass validates the data, gives the variance for tol and the
-                # k-means|| first centre (seeded, so it is redone for each k-means|| start).
-                stats = compute_stats(blocks, seed, name=f"{name}-r{run}")
-            if run == 0:
+        stats = None
+        if resume_from is not None:
+            if resume_from.best is not None:
+                best = _Best.from_state(resume_from.best, dtype)
+            # Bring the blocks and statistics to where an uninterrupted fit had them at this
+            # start: the first start's statistics and centering, then (k-means|| only) this
+            # start's own statistics pass over the centered blocks.
+            stats = compute_stats(blocks, seeds[0], keys.sub(r=0))
+            center(blocks, keys.sub(r=0))
+            if first > 0 and kpar:
+                stats = compute_stats(blocks, seeds[first], keys.sub(r=first))
+        load_seconds = None
+        for run in range(first, n_init):
+            rkeys, seed = keys.sub(r=run), seeds[run]
+            resumed = resume_from is not None and run == first
+            if not resumed and (run == 0 or kpar):
+                # Validates the data, gives the variance for tol and the k-means|| first
+                # centre (seeded, so it is redone for each k-means|| start).
+                stats = compute_stats(blocks, seed, rkeys)
+            if load_seconds is None:
                 load_seconds = time.perf_counter() - t_load
             tol_abs = float(self.tol) * float(np.mean(stats["var"]))
-            start = None
-            if resume_from is not None:
-                centers0 = np.asarray(resume_from["centers"], dtype=np.float64)
-                check_init_array(centers0, self.n_clusters, d)
-                hist = resume_from["history"]
-                start = {
-                    "iteration": int(resume_from["iteration"]),
-                    "centers": centers0,
-                    "history": {key: hist[key].values.tolist() for key in hist.data_vars},
+            if resumed:
+                start = _progress_from_state(resume_from)
+                info = {
+                    **resume_from.info.get("init", {}),
+                    "resumed_from_iteration": resume_from.iteration,
                 }
-                centre(blocks, f"{name}-r{run}")  # initialisation would have done it
-                info = {"resumed_from_iteration": start["iteration"], "passes": 0}
+                centers0 = start.centers
             else:
-                centers0, info = self._initial_centers(blocks, seed, f"{name}-r{run}", run == 0)
+                start = None
+                centers0, info = self._initialize(blocks, seed, rkeys, center_blocks=run == 0)
+                # Rounded to the working dtype as the iterations will see them.
+                centers0 = np.asarray(centers0, dtype=dtype).astype(np.float64)
+                if callback is not None:
+                    callback(
+                        FitState(
+                            run,
+                            0,
+                            {"centers": centers0},
+                            history_dataset({}),
+                            {"seed": seed, "init": info},
+                            None if best is None else best.state(),
+                        )
+                    )
             res = lloyd(
                 blocks,
                 centers0,
@@ -379,54 +414,81 @@ class KMeans(_KMeansBase):
                 tol=tol_abs,
                 empty_cluster=self.empty_cluster,
                 seed=seed,
-                name=f"{name}-r{run}",
+                keys=rkeys,
                 verbose=self.verbose,
                 start=start,
-                callback=None if callback is None else self._state_reporter(callback, seed),
+                callback=None
+                if callback is None
+                else _state_reporter(callback, run, seed, info, best),
             )
-            if best is None or res.inertia < best[0].inertia:
-                best = (res, info, tol_abs)
-        res, info, tol_abs = best
-        self._store_fit(res, info, tol_abs, blocks, backend, d, load_seconds)
+            if best is None or res.inertia < best.inertia:
+                best = _Best(
+                    run,
+                    res.centers,
+                    res.inertia,
+                    res.n_iter,
+                    res.converged,
+                    res.history,
+                    info,
+                    tol_abs,
+                    res.labels,
+                )
+        if best.labels is None:  # restored from a state: its labels were not kept
+            best.labels, _ = self._final_pass(blocks, best.centers, keys, "lloyd")
+        self._store_fit(best, blocks, backend, load_seconds)
         return self
 
-    def _state_reporter(self, callback: Callable[[dict], None], seed: int):
-        def report(iteration: int, centers: np.ndarray, history: dict) -> None:
-            callback(
-                {
-                    "iteration": iteration,
-                    "centers": centers.copy(),
-                    "history": _history_dataset(history),
-                    "state": {"seed": seed},
-                }
-            )
-
-        return report
-
-    def _store_fit(self, res, info, tol_abs, blocks, backend, d, load_seconds) -> None:
-        self._x_mean = blocks.shift
-        self._centers_centred = res.centers
-        self.cluster_centers_ = res.centers + blocks.shift
-        self.inertia_ = res.inertia
-        self.n_iter_ = res.n_iter
-        self.n_features_in_ = d
-        self.init_info_ = info
-        self.labels_ = _labels_array(blocks, res.labels)
-        self.history_ = _history_dataset(res.history)
+    def _store_fit(self, best: _Best, blocks: Blocks, backend, load_seconds) -> None:
+        self._set_model(best.centers, blocks.shift)
+        self.inertia_ = best.inertia
+        self.n_iter_ = best.n_iter
+        self.init_info_ = best.info
+        self.labels_ = rows_array(blocks, best.labels, np.int32)
+        self.history_ = history_dataset(best.history)
         self.history_.attrs.update(
             {
                 "algorithm": "lloyd",
                 "init": self.init if isinstance(self.init, str) else "array",
                 "empty_cluster": self.empty_cluster,
-                "converged": res.converged,
-                "tol_abs": tol_abs,
+                "converged": best.converged,
+                "tol_abs": best.tol_abs,
+                "best_start": best.start,
                 "n_blocks": blocks.nblocks,
                 "streamed": int(blocks.streamed),
                 "backend": "distributed" if backend.is_distributed else "threads",
-                "init_seconds": float(info.get("seconds", 0.0)),
+                "init_seconds": float(best.info.get("seconds", 0.0)),
                 "load_seconds": float(load_seconds),
             }
         )
+
+
+def _progress_from_state(state: FitState) -> LloydProgress:
+    hist = state.history
+    return LloydProgress(
+        iteration=state.iteration,
+        centers=np.asarray(state.params["centers"], dtype=np.float64),
+        previous_centers=state.params.get("previous_centers"),
+        history={key: hist[key].values.tolist() for key in hist.data_vars},
+        stopped=state.info.get("stopped"),
+        inertia=state.info.get("inertia"),
+    )
+
+
+def _state_reporter(
+    callback: Callable[[FitState], None], run: int, seed: int, info: dict, best: _Best | None
+) -> Callable[[LloydProgress], None]:
+    best_state = None if best is None else best.state()
+
+    def report(p: LloydProgress) -> None:
+        params = {"centers": p.centers.copy()}
+        if p.previous_centers is not None:
+            params["previous_centers"] = p.previous_centers.copy()
+        state_info = {"seed": seed, "init": info, "stopped": p.stopped, "inertia": p.inertia}
+        callback(
+            FitState(run, p.iteration, params, history_dataset(p.history), state_info, best_state)
+        )
+
+    return report
 
 
 class MiniBatchKMeans(_KMeansBase):
@@ -456,6 +518,8 @@ class MiniBatchKMeans(_KMeansBase):
         Centres with fewer than this fraction of the largest count are moved to random batch
         rows (every ``10 * n_clusters`` samples, or when a centre has never been hit).
     random_state : int, RandomState or None
+    oversampling_factor, init_max_iter
+        k-means|| settings, as in :class:`KMeans`.
     dtype, persist, variable
         As in :class:`KMeans`.
     prefetch : int, default 16
@@ -467,6 +531,15 @@ class MiniBatchKMeans(_KMeansBase):
     (epochs started), n_steps_, history_ (over ``iteration`` = step: batch_inertia,
     ewa_inertia, n_reassigned), n_features_in_.
     """
+
+    _param_rules: ClassVar = {
+        **_COMMON_RULES,
+        "batch_size": [Interval(int, 1)],
+        "max_no_improvement": [Interval(int, 1), None],
+        "n_init": [Interval(int, 1), Options("auto")],
+        "reassignment_ratio": [Interval(float, 0)],
+        "prefetch": [Interval(int, 1)],
+    }
 
     def __init__(
         self,
@@ -510,56 +583,47 @@ class MiniBatchKMeans(_KMeansBase):
         with get_backend().blas_limit():
             return self._fit(X, sample_weight)
 
+    def _subset_init(self, blocks: Blocks, seed: int, rs, keys: Keys) -> tuple[np.ndarray, dict]:
+        """scikit-learn's mini-batch initialisation: ``n_init`` candidates drawn on a random
+        ``init_size`` subset of rows, the one with the lowest inertia on it kept."""
+        n, k = blocks.n, self.n_clusters
+        n_init = self.n_init
+        if n_init == "auto":
+            n_init = 1 if self.init == "k-means++" else 3
+        init_size = self.init_size or 3 * self.batch_size
+        init_size = min(n, max(init_size, 3 * k))
+        center(blocks, keys)
+        rows = np.sort(np.random.default_rng(seed).choice(n, init_size, replace=False))
+        sub = blocks.take(rows, name=keys("minibatch", "init-rows")).astype(blocks.dtype)
+        tiles = Tiles.from_config()
+        best = None
+        for _ in range(int(n_init)):
+            candidate = init_on_rows(sub, self.init, k, int(rs.randint(np.iinfo(np.int32).max)))
+            score = _kernels.score_chunk(
+                sub, candidate, np.zeros(blocks.d, blocks.dtype), blocks.dtype, tiles
+            )
+            if best is None or score[0] < best[0]:
+                best = (score[0], candidate)
+        return best[1], {"init_size": init_size, "n_init": int(n_init), "passes": 0}
+
     def _fit(self, X: Any, sample_weight=None) -> MiniBatchKMeans:
-        import xarray as xr
-
-        from dkm.kmeans.lloyd import _objective
-        from dkm.kmeans.minibatch import minibatch
-
         if sample_weight is not None:
             raise NotImplementedError("sample_weight is not supported by dkm.MiniBatchKMeans")
-        if self.batch_size < 1 or self.max_iter < 1:
-            raise ValueError("batch_size and max_iter must be >= 1")
+        self._validate_params()
         src = self._source(X)
         n, d = src.shape
-        self._check_params(n, d)
+        self._check_data(n, d)
         rs = check_random_state(self.random_state)
         backend = get_backend()
         blocks = load_blocks(src, backend, self.persist)
-        name = f"dkm-minibatch-{backend.new_token()}"
+        keys = Keys.new()
         seed = int(rs.randint(np.iinfo(np.int32).max))
-        stats = compute_stats(blocks, seed, name=name)
-        init = self.init
-        is_str = isinstance(init, str)
-        n_init = self.n_init
-        if n_init == "auto":
-            n_init = 1 if (not is_str or init in ("k-means++", "k-means||")) else 3
-        init_size = self.init_size or 3 * self.batch_size
-        init_size = min(n, max(init_size, 3 * self.n_clusters))
+        stats = compute_stats(blocks, seed, keys)
         t0 = time.perf_counter()
-        if is_str and init in ("k-means++", "random", "sample"):
-            # Like scikit-learn: initialise on a random subset, compare n_init candidates on it.
-            centre(blocks, name)
-            rows = np.sort(np.random.default_rng(seed).choice(n, init_size, replace=False))
-            sub = blocks.take(rows, name=f"{name}-initrows").astype(blocks.dtype)
-            best = None
-            for _ in range(int(n_init)):
-                s = int(rs.randint(np.iinfo(np.int32).max))
-                if init == "k-means++":
-                    from sklearn.cluster import kmeans_plusplus
-
-                    c, _ = kmeans_plusplus(sub, self.n_clusters, random_state=s)
-                elif init == "sample":
-                    c = sub[np.random.default_rng(s).choice(len(sub), self.n_clusters, False)]
-                else:
-                    lo, hi = sub.min(0), sub.max(0)
-                    c = lo + np.random.default_rng(s).random((self.n_clusters, d)) * (hi - lo)
-                score = kernels.score_chunk(sub, c, np.zeros(d, blocks.dtype), blocks.dtype)
-                if best is None or score[0] < best[0]:
-                    best = (score[0], np.asarray(c, dtype=np.float64))
-            centers0, info = best[1], {"init_size": init_size, "n_init": int(n_init)}
+        if isinstance(self.init, str) and self.init in ("k-means++", "random", "sample"):
+            centers0, info = self._subset_init(blocks, seed, rs, keys)
         else:
-            centers0, info = self._initial_centers(blocks, seed, name, first=True)
+            centers0, info = self._initialize(blocks, seed, keys, center_blocks=True)
         info["seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = minibatch(
@@ -572,40 +636,26 @@ class MiniBatchKMeans(_KMeansBase):
             reassignment_ratio=float(self.reassignment_ratio),
             seed=seed,
             prefetch=int(self.prefetch),
-            name=name,
+            keys=keys,
         )
         fit_seconds = time.perf_counter() - t0
-        # Labels and inertia of the final centres: one full pass, as scikit-learn does.
-        packed = backend.share(kernels.pack_centers(res.centers, blocks.dtype))
-        nb = blocks.nblocks
-        steps = backend.map(
-            kernels.lloyd_step, blocks.handles, [packed] * nb, [None] * nb, name=f"{name}-final"
-        )
-        labels = backend.map(kernels.step_labels, steps, name=f"{name}-final-labels")
-        st = backend.map(kernels.step_stats, steps, name=f"{name}-final-stats")
-        sums, counts, _ = backend.reduce(
-            st, kernels.combine_stats, name=f"{name}-final-sum", nbytes=8 * res.centers.size
-        )
-        self.inertia_ = _objective(blocks.stats["sq_norm_total"], res.centers, sums, counts)
-        self._x_mean = blocks.shift
-        self._centers_centred = res.centers
-        self.cluster_centers_ = res.centers + blocks.shift
-        self.labels_ = _labels_array(blocks, labels)
+        labels, self.inertia_ = self._final_pass(blocks, res.centers, keys, "minibatch")
+        self._set_model(res.centers, blocks.shift)
+        self.labels_ = rows_array(blocks, labels, np.int32)
         self.n_iter_ = res.n_iter
         self.n_steps_ = res.n_steps
-        self.n_features_in_ = d
         self.init_info_ = info
         self.history_ = xr.Dataset(
             {key: ("iteration", np.asarray(v, dtype=float)) for key, v in res.history.items()},
             coords={"iteration": np.arange(1, res.n_steps + 1)},
             attrs={
                 "algorithm": "minibatch",
-                "init": init if is_str else "array",
+                "init": self.init if isinstance(self.init, str) else "array",
                 "stopped": res.stopped,
                 "batch_size": int(self.batch_size),
                 "fit_seconds": fit_seconds,
                 "samples_per_second": res.n_steps * self.batch_size / max(fit_seconds, 1e-9),
-                "n_blocks": nb,
+                "n_blocks": blocks.nblocks,
                 "backend": "distributed" if backend.is_distributed else "threads",
             },
         )

@@ -2,14 +2,13 @@
 
 Per iteration the driver submits the same tasks, whatever the iteration number:
 
-- ``nblocks`` fused E-step + partial M-step tasks (:func:`dkm.kmeans.kernels.lloyd_step`),
+- ``nblocks`` fused E-step + partial M-step tasks (:func:`dkm._parallel.kernels.lloyd_step`),
   each returning labels (kept on the worker for the next moved-points count) and
   ``(sums, counts, moved)``;
-- ``2 * nblocks`` tiny selector tasks and a tree reduction of the statistics
-  (``ceil(nblocks / 8) + ...`` combine tasks);
+- ``2 * nblocks`` tiny selector tasks and, for large partials, a tree reduction;
 - one gather of a ``k x d`` float64 array to this process, which computes the new centroids.
 
-Centroids enter as one packed ``(d + 1) x k`` array, scattered to all workers when above 1 MB.
+Centroids enter as one packed ``(d + 1) x k`` array, scattered to all workers when large.
 Nothing in the graph refers to the previous iteration except the label futures, so the graph
 does not grow.
 """
@@ -23,14 +22,46 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dkm._parallel import backend as _backend
+from dkm import config
 from dkm._parallel import kernels
-from dkm._parallel.backend import SPLIT_EVERY
 from dkm._parallel.blocks import Blocks
+from dkm._parallel.kernels import Tiles
+from dkm._parallel.keys import Keys
+
+__all__ = ["EMPTY_POLICIES", "LloydProgress", "LloydResult", "assign_pass", "lloyd", "objective"]
 
 log = logging.getLogger("dkm")
 
 EMPTY_POLICIES = ("farthest", "random-point", "zero", "keep")
+HISTORY_KEYS = (
+    "inertia",
+    "center_shift",
+    "n_moved",
+    "n_empty",
+    "n_reseeded",
+    "seconds",
+    "n_tasks",
+    "extra_passes",
+)
+
+
+@dataclass
+class LloydProgress:
+    """Where a Lloyd run stands after an iteration (or where a resumed run starts).
+
+    ``previous_centers`` are the centres whose assignment gave the labels of the last
+    iteration: a resumed run recomputes those labels from them, so the next moved-points
+    count and the strict-convergence test are exactly those of an uninterrupted run.
+    ``stopped`` is set once the run has met a stopping rule; ``inertia`` is then its final
+    objective when it stopped strictly (no label moved).
+    """
+
+    iteration: int
+    centers: np.ndarray
+    previous_centers: np.ndarray | None
+    history: dict[str, list]
+    stopped: str | None = None
+    inertia: float | None = None
 
 
 @dataclass
@@ -43,16 +74,7 @@ class LloydResult:
     history: dict = field(default_factory=dict)
 
 
-def _tree_tasks(n: int) -> int:
-    """Number of combine tasks :meth:`Backend.tree_reduce` submits for ``n`` inputs."""
-    total = 0
-    while n > 1:
-        n = -(-n // SPLIT_EVERY)
-        total += n
-    return total
-
-
-def _objective(sq_norm_total: float, centers: np.ndarray, sums: np.ndarray, counts) -> float:
+def objective(sq_norm_total: float, centers: np.ndarray, sums: np.ndarray, counts) -> float:
     """sum ||x - c_label||^2 from the float64 statistics, without another pass.
 
     sum_x ||x||^2 - 2 sum_j c_j . S_j + sum_j n_j ||c_j||^2, where S_j, n_j are the sums and
@@ -66,10 +88,14 @@ def _objective(sq_norm_total: float, centers: np.ndarray, sums: np.ndarray, coun
 
 
 class _EmptyHandler:
-    def __init__(self, blocks: Blocks, policy: str, seed: int, name: str):
-        if policy not in EMPTY_POLICIES:
-            raise ValueError(f"empty_cluster must be one of {EMPTY_POLICIES}, got {policy!r}")
-        self.blocks, self.policy, self.seed, self.name = blocks, policy, seed, name
+    def __init__(self, blocks: Blocks, policy: str, seed: int, keys: Keys, tiles: Tiles):
+        self.blocks, self.policy, self.seed, self.keys, self.tiles = (
+            blocks,
+            policy,
+            seed,
+            keys,
+            tiles,
+        )
 
     def apply(self, it, centers, packed_ref, sums, counts):
         """Re-seed empty clusters in place on ``sums``/``counts``; return fixed centres dict."""
@@ -92,7 +118,8 @@ class _EmptyHandler:
                 [packed_ref] * b.nblocks,
                 [m] * b.nblocks,
                 b.starts.tolist(),
-                name=f"{self.name}-it{it}-far",
+                [self.tiles] * b.nblocks,
+                name=self.keys("lloyd", "farthest", it=it),
             )
             parts = be.gather(futs)
             passes = 1
@@ -110,32 +137,79 @@ class _EmptyHandler:
         elif self.policy == "random-point":
             rng = np.random.default_rng([self.seed, it])
             rows = b.take(
-                rng.choice(b.n, size=len(empty), replace=False), name=f"{self.name}-it{it}-rnd"
+                rng.choice(b.n, size=len(empty), replace=False),
+                name=self.keys("lloyd", "random-point", it=it),
             )
             for j, r in zip(empty, rows, strict=True):
                 fixed[int(j)] = r
         elif self.policy == "zero":
-            # The zero vector of the data space (rows are centred on ``b.shift``).
+            # The zero vector of the data space (rows are centered on ``b.shift``).
             zero = -(b.shift.astype(np.float64) if b.shift is not None else np.zeros(b.d))
             for j in empty:
                 fixed[int(j)] = zero
         return empty, fixed, passes
 
 
-def _assign_pass(blocks: Blocks, C: np.ndarray, prev_labels: list, name: str, part_bytes: int):
+def _tree_tasks(n: int) -> int:
+    """Number of combine tasks the backend's tree reduction submits for ``n`` inputs."""
+    every = int(config.get("backend.split-every"))
+    total = 0
+    while n > 1:
+        n = -(-n // every)
+        total += n
+    return total
+
+
+def assign_pass(
+    blocks: Blocks,
+    C: np.ndarray,
+    prev_labels: list,
+    keys: Keys,
+    *,
+    algorithm: str = "lloyd",
+    phase: str = "assign",
+    tiles: Tiles | None = None,
+    **counters: int,
+):
     """One pass over the data: nearest centre per row and the reduced partial statistics.
 
-    Returns the shared packed centres (the empty-cluster policy reuses them), the per-block
-    label handles (they stay where the blocks are) and ``(sums, counts, n_moved)``.
+    Parameters
+    ----------
+    blocks : Blocks
+        The (centered) data.
+    C : ndarray (k, d)
+        Centres in the blocks' coordinates.
+    prev_labels : list
+        Per-block labels of the previous pass (or None each) for the moved-points count.
+    keys : Keys
+        Task key maker; the keys read ``<algorithm>-<phase>``, ``<algorithm>-reduce``... with
+        ``counters`` (e.g. ``it=3``) keeping them unique.
+    tiles : Tiles, optional
+        Kernel tile sizes (default: from dask config).
+
+    Returns
+    -------
+    packed_ref, labels, (sums, counts, n_moved)
+        The shared packed centres (the empty-cluster policy reuses them), the per-block label
+        handles (they stay where the blocks are) and the reduced statistics.
     """
     be, nb = blocks.backend, blocks.nblocks
+    tiles = tiles or Tiles.from_config()
+    part_bytes = C.shape[0] * (blocks.d + 1) * 8
     packed_ref = be.share(kernels.pack_centers(C, blocks.dtype))
     steps = be.map(
-        kernels.lloyd_step, blocks.handles, [packed_ref] * nb, prev_labels, name=f"{name}-step"
+        kernels.lloyd_step,
+        blocks.handles,
+        [packed_ref] * nb,
+        prev_labels,
+        [tiles] * nb,
+        name=keys(algorithm, phase, **counters),
     )
-    labels = be.map(kernels.step_labels, steps, name=f"{name}-labels")
-    stats = be.map(kernels.step_stats, steps, name=f"{name}-stats")
-    totals = be.reduce(stats, kernels.combine_stats, name=f"{name}-sum", nbytes=part_bytes)
+    labels = be.map(kernels.step_labels, steps, name=keys(algorithm, "labels", **counters))
+    stats = be.map(kernels.step_stats, steps, name=keys(algorithm, "stats", **counters))
+    totals = be.reduce(
+        stats, kernels.combine_stats, name=keys(algorithm, "reduce", **counters), nbytes=part_bytes
+    )
     return packed_ref, labels, totals
 
 
@@ -147,19 +221,19 @@ def lloyd(
     tol: float = 0.0,
     empty_cluster: str = "farthest",
     seed: int = 0,
-    name: str = "dkm-lloyd",
+    keys: Keys | None = None,
     verbose: bool = False,
-    start: dict | None = None,
-    callback: Callable[[int, np.ndarray, dict], None] | None = None,
+    start: LloydProgress | None = None,
+    callback: Callable[[LloydProgress], None] | None = None,
 ) -> LloydResult:
     """Run Lloyd's algorithm from ``centers`` on prepared blocks.
 
     Parameters
     ----------
     blocks : Blocks
-        Data after :func:`dkm.kmeans._data.compute_stats`.
+        Data after :func:`dkm._parallel.blocks.compute_stats`, centered.
     centers : ndarray (k, d)
-        Initial centroids.
+        Initial centroids (ignored when ``start`` is given).
     max_iter : int
         Maximum number of iterations.
     tol : float
@@ -169,14 +243,13 @@ def lloyd(
         What to do with a cluster that lost all its points.
     seed : int
         Seed for the "random-point" policy.
-    name : str
-        Unique prefix for task keys (shows on the dashboard).
-    start : dict, optional
-        Resume a run: ``{"iteration": t, "centers": C, "history": {key: [values]}}`` as
-        passed to ``callback`` after iteration ``t``; iterations continue from ``t + 1``.
+    keys : Keys, optional
+        Task key maker (shows on the dashboard).
+    start : LloydProgress, optional
+        Resume a run from a state passed to ``callback``; iterations continue from there and
+        end exactly where an uninterrupted run ends.
     callback : callable, optional
-        ``callback(iteration, centers, history)`` after every iteration (1-based count,
-        float64 centres, history lists so far): the hook for checkpoints and progress.
+        ``callback(progress)`` after every iteration: the hook for checkpoints and progress.
 
     Returns
     -------
@@ -185,49 +258,43 @@ def lloyd(
         the squared shift is ``<= tol``; if not strictly converged, one more E-step gives
         labels and inertia consistent with the final centres.
     """
+    if empty_cluster not in EMPTY_POLICIES:
+        raise ValueError(f"empty_cluster must be one of {EMPTY_POLICIES}, got {empty_cluster!r}")
+    keys = keys or Keys.new()
+    tiles = Tiles.from_config()
     nb = blocks.nblocks
     dtype = blocks.dtype
     sqn = blocks.stats["sq_norm_total"]
-    handler = _EmptyHandler(blocks, empty_cluster, seed, name)
+    handler = _EmptyHandler(blocks, empty_cluster, seed, keys, tiles)
     C = np.asarray(centers, dtype=dtype).astype(np.float64)
     k = C.shape[0]
     part_bytes = k * (blocks.d + 1) * 8
+    n_tasks = 3 * nb + (0 if blocks.backend.reduces_on_client(nb, part_bytes) else _tree_tasks(nb))
     prev_labels: list = [None] * nb
-    hist: dict[str, list] = {
-        k_: []
-        for k_ in (
-            "inertia",
-            "center_shift",
-            "n_moved",
-            "n_empty",
-            "n_reseeded",
-            "seconds",
-            "n_tasks",
-            "extra_passes",
-        )
-    }
-    first = 0
+    hist: dict[str, list] = {key: [] for key in HISTORY_KEYS}
+    first, stopped, inertia = 0, None, None
     if start is not None:
-        first = int(start["iteration"])
-        C = np.asarray(start["centers"], dtype=np.float64)
-        for key, values in start["history"].items():
+        first, stopped, inertia = int(start.iteration), start.stopped, start.inertia
+        C = np.asarray(start.centers, dtype=np.float64)
+        for key, values in start.history.items():
             if key in hist:
                 hist[key].extend(values)
-    converged = "max_iter"
+        if start.previous_centers is not None and stopped is None:
+            # The labels the interrupted run held, so that moved counts continue exactly.
+            _, prev_labels, _ = assign_pass(
+                blocks, start.previous_centers, prev_labels, keys, tiles=tiles, it=first - 1
+            )
     last = None
     it = first - 1
-    for it in range(first, max_iter):
+    for it in range(first, max_iter if stopped is None else first):
         t0 = time.perf_counter()
-        packed_ref, labels, (sums, counts, moved) = _assign_pass(
-            blocks, C, prev_labels, f"{name}-it{it}", part_bytes
-        )
-        n_tasks = 3 * nb + (
-            _tree_tasks(nb) if nb * part_bytes > _backend.CLIENT_REDUCE_BYTES else 0
+        packed_ref, labels, (sums, counts, moved) = assign_pass(
+            blocks, C, prev_labels, keys, tiles=tiles, it=it
         )
         sums = sums.copy()
         counts = counts.copy()
         raw_sums, raw_counts = sums.copy(), counts.copy()
-        inertia = _objective(sqn, C, raw_sums, raw_counts)
+        iteration_inertia = objective(sqn, C, raw_sums, raw_counts)
         empty, fixed, extra = handler.apply(it, C, packed_ref, sums, counts)
         C_new = C.copy()
         nz = counts > 0
@@ -238,7 +305,7 @@ def lloyd(
         shift = float(((C_new - C) ** 2).sum())
         prev_labels = labels
         last = (raw_sums, raw_counts)
-        hist["inertia"].append(inertia)
+        hist["inertia"].append(iteration_inertia)
         hist["center_shift"].append(shift)
         hist["n_moved"].append(int(moved))
         hist["n_empty"].append(len(empty))
@@ -246,31 +313,45 @@ def lloyd(
         hist["n_tasks"].append(n_tasks)
         hist["extra_passes"].append(extra)
         if verbose:
-            log.info("iteration %d: inertia %.6g shift %.3g moved %d", it, inertia, shift, moved)
-        C = C_new
+            log.info(
+                "iteration %d: inertia %.6g shift %.3g moved %d",
+                it,
+                iteration_inertia,
+                shift,
+                moved,
+            )
+        C_prev, C = C, C_new
         hist["seconds"].append(time.perf_counter() - t0)
-        if callback is not None:
-            callback(it + 1, C, hist)
         if it > 0 and moved == 0:
-            converged = "strict"
+            stopped = "strict"
+            inertia = objective(sqn, C, *last)
+        elif shift <= tol:
+            stopped = "tol"
+        elif it + 1 == max_iter:
+            stopped = "max_iter"
+        if callback is not None:
+            callback(LloydProgress(it + 1, C, C_prev, hist, stopped, inertia))
+        if stopped is not None:
             break
-        if shift <= tol:
-            converged = "tol"
-            break
-    n_iter = it + 1
-    if converged == "strict":
-        inertia = _objective(sqn, C, *last)
-        final_labels = prev_labels
+    n_iter = it + 1 if start is None or start.stopped is None else first
+    stopped = stopped or "max_iter"
+    if stopped == "strict":
+        if last is None:  # resumed after it had stopped: only the labels are missing
+            _, final_labels, _ = assign_pass(
+                blocks, C, [None] * nb, keys, phase="final", tiles=tiles
+            )
+        else:
+            final_labels = prev_labels
     else:  # one more E-step so labels and inertia belong to the final centres
-        _, final_labels, (s, c, _) = _assign_pass(
-            blocks, C, prev_labels, f"{name}-final", part_bytes
+        _, final_labels, (s, c, _) = assign_pass(
+            blocks, C, prev_labels, keys, phase="final", tiles=tiles
         )
-        inertia = _objective(sqn, C, s, c)
+        inertia = objective(sqn, C, s, c)
     return LloydResult(
         centers=C.astype(dtype),
         labels=final_labels,
         inertia=float(inertia),
         n_iter=n_iter,
-        converged=converged,
+        converged=stopped,
         history=hist,
     )

@@ -3,7 +3,7 @@
 Batches are drawn uniformly with replacement over the *global* row index (so they do not
 depend on the chunking) and gathered from the blocks where the data lives, several batches per
 round trip (``prefetch``) so that scheduler latency is paid once per group of batches rather
-than once per step. The centre updates are sequential by nature and run in this process on
+than once per step. The center updates are sequential by nature and run in this process on
 the gathered batch (a ``batch_size x k`` GEMM per step).
 """
 
@@ -17,6 +17,8 @@ import numpy as np
 
 from dkm._parallel import kernels
 from dkm._parallel.blocks import Blocks
+from dkm._parallel.kernels import Tiles
+from dkm._parallel.keys import Keys
 
 log = logging.getLogger("dkm")
 
@@ -39,18 +41,19 @@ def minibatch_step(
     reassign: bool,
     reassignment_ratio: float,
     dtype: np.dtype,
+    tiles: Tiles | None = None,
 ) -> tuple[float, int]:
     """One Sculley update in place on ``centers`` (float64) and ``counts`` (float64).
 
-    Every centre that received points moves to the running mean of all points it has ever
+    Every center that received points moves to the running mean of all points it has ever
     received (learning rate ``1 / count``), as scikit-learn's ``_minibatch_update_dense``.
-    With ``reassign``, centres whose count is below ``reassignment_ratio * max(count)`` jump
+    With ``reassign``, centers whose count is below ``reassignment_ratio * max(count)`` jump
     to random rows of the batch and take the smallest remaining count.
 
-    Returns the batch inertia (for the old centres) and the number of reassigned centres.
+    Returns the batch inertia (for the old centers) and the number of reassigned centers.
     """
     k = centers.shape[0]
-    labels, d2 = kernels.assign(batch, kernels.pack_centers(centers, dtype))
+    labels, d2 = kernels.assign(batch, kernels.pack_centers(centers, dtype), tiles or Tiles())
     inertia = float(d2.astype(np.float64).sum())
     sums = kernels.cluster_sums(batch, labels, k)
     cnt = np.bincount(labels, minlength=k).astype(np.float64)
@@ -61,7 +64,7 @@ def minibatch_step(
     n_reassigned = 0
     if reassign and reassignment_ratio > 0:
         to_reassign = counts < reassignment_ratio * counts.max()
-        # Never reassign more than half the batch worth of centres (scikit-learn's cap).
+        # Never reassign more than half the batch worth of centers (scikit-learn's cap).
         if to_reassign.sum() > 0.5 * len(batch):
             keep = np.argsort(counts)[int(0.5 * len(batch)) :]
             to_reassign[keep] = False
@@ -84,15 +87,17 @@ def minibatch(
     reassignment_ratio: float,
     seed: int,
     prefetch: int = 16,
-    name: str = "dkm-mb",
+    keys: Keys | None = None,
 ) -> MiniBatchResult:
-    """Run mini-batch k-means from ``centers`` on prepared (centred) blocks.
+    """Run mini-batch k-means from ``centers`` on prepared (centered) blocks.
 
     ``max_iter`` counts epochs: ``max_iter * n // batch_size`` steps at most. Early stopping
     follows scikit-learn: an exponentially weighted average of the batch inertia that has not
-    improved for ``max_no_improvement`` steps, or a squared centre change ``<= tol``
+    improved for ``max_no_improvement`` steps, or a squared center change ``<= tol``
     (absolute; the estimator scales it by the feature variance).
     """
+    keys = keys or Keys.new()
+    tiles = Tiles.from_config()
     n, k = blocks.n, centers.shape[0]
     dtype = blocks.dtype
     rng = np.random.default_rng(seed)
@@ -112,7 +117,7 @@ def minibatch(
         if not queue:
             m = min(prefetch, n_steps - step)
             idx = rng.integers(0, n, size=m * batch_size)
-            rows = blocks.take(idx, name=f"{name}-fetch{fetch}").astype(dtype)
+            rows = blocks.take(idx, name=keys("minibatch", "batch", f=fetch)).astype(dtype)
             fetch += 1
             queue = [rows[i * batch_size : (i + 1) * batch_size] for i in range(m)]
         batch = queue.pop(0)
@@ -121,12 +126,14 @@ def minibatch(
         if reassign:
             since_reassign = 0
         C_old = C.copy() if tol > 0 else None
-        inertia, n_re = minibatch_step(batch, C, counts, rng, reassign, reassignment_ratio, dtype)
+        inertia, n_re = minibatch_step(
+            batch, C, counts, rng, reassign, reassignment_ratio, dtype, tiles
+        )
         inertia /= batch_size
         hist["batch_inertia"].append(inertia)
         hist["n_reassigned"].append(n_re)
         step += 1
-        if step == 1:  # scikit-learn ignores the first step (inertia of the initial centres)
+        if step == 1:  # scikit-learn ignores the first step (inertia of the initial centers)
             hist["ewa_inertia"].append(np.nan)
             continue
         ewa = inertia if ewa is None else ewa * (1 - alpha) + inertia * alpha

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dkm.data.store import StoreError
 from dkm.report import plots
-from dkm.results.store import ResultsStore
+from dkm.results import ResultsStore
 
 __all__ = ["report_dir", "write_report"]
 
@@ -81,16 +82,33 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
     """
     results = ResultsStore(store)
     attrs = results.attrs
+    runs = results.runs()
+    damaged = [f"{r.name} ({r.problem})" for r in runs if r.status == "damaged"]
+    if damaged:
+        raise StoreError(
+            f"{store}: damaged run(s): {'; '.join(damaged)}",
+            remedy="run the job again to compute them anew",
+        )
     out = Path(out) if out is not None else report_dir(store)
     out.mkdir(parents=True, exist_ok=True)
     job = attrs.get("job", {})
     title = f"dkm report: {job.get('name', Path(store).name)}"
     parts = [
         f"<p>Store <code>{html.escape(str(Path(store).resolve()))}</code>, "
-        f"status <b>{html.escape(str(attrs.get('status')))}</b>.</p>"
+        f"status <b>{html.escape(results.status())}</b>.</p>"
     ]
+    failed = [r for r in runs if r.status == "failed"]
+    if failed:
+        parts.append("<h2>Failed runs</h2><ul>")
+        parts += [
+            f"<li>{html.escape(r.name)}: {html.escape(str(r.attrs.get('error', '')))}</li>"
+            for r in failed
+        ]
+        parts.append("</ul>")
 
-    runs = sorted(results.completed_runs(), key=lambda n: (n.split("-k")[0], int(n.split("-k")[1])))
+    complete = [r for r in runs if r.status == "complete"]
+    metric_names = sorted({m for r in complete for m in r.attrs.get("metrics", {})} - {"inertia"})
+    runs = [r.name for r in complete]
     rows, histories, figures = [], {}, []
     for name in runs:
         run = results.read_run(name)
@@ -102,7 +120,7 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
                 run.attrs.get("k"),
                 run.attrs.get("n_iter"),
                 run.attrs.get("inertia"),
-                *(metrics.get(m) for m in sorted(metrics) if m != "inertia"),
+                *(metrics.get(m, "") for m in metric_names),
                 run.attrs.get("seconds"),
             ]
         )
@@ -116,14 +134,13 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
             )
             figures.append((png.name, f"Centroids of {name}"))
     if runs:
-        metric_names = sorted(set(results.read_run(runs[0]).attrs.get("metrics", {})) - {"inertia"})
         parts.append("<h2>Runs</h2>")
         parts.append(_table(["run", "k", "iterations", "inertia", *metric_names, "seconds"], rows))
         png = plots.inertia_curves(histories, out / "inertia-by-iteration.png")
         figures.insert(0, (png.name, "Inertia against iteration"))
 
-    if (Path(store) / "sweep" / "zarr.json").is_file():
-        sweep = results.open_tree()["sweep"].to_dataset().load()
+    sweep = results.read_sweep()
+    if sweep is not None:
         for metric in sweep.data_vars:
             png = plots.metric_against_k(sweep, metric, out / f"sweep-{metric}.png")
             figures.insert(0, (png.name, f"{metric} against k"))
