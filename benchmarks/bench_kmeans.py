@@ -349,10 +349,11 @@ def kernel_profile(X: np.ndarray, C: np.ndarray) -> dict:
     x = np.ascontiguousarray(X[:250_000])
     packed = kernels.pack_centers(C, np.dtype(np.float32))
     k = len(C)
-    step = kernels.tile_rows(k, 4)
+    tiles = kernels.Tiles.from_config()
+    step = tiles.rows(k, 4)
     out = {}
     with threadpool_limits(1):
-        kernels.lloyd_step(x, packed, None)  # warm up (numba)
+        kernels.lloyd_step(x, packed, None, tiles)  # warm up (numba)
 
         def t(fn, reps=3):
             best = np.inf
@@ -371,16 +372,16 @@ def kernel_profile(X: np.ndarray, C: np.ndarray) -> dict:
                 d = x[s : s + step] @ packed[:-1]
                 d += packed[-1]
 
-        labels, _ = kernels.assign(x, packed, want_d2=False)
+        labels, _ = kernels.assign(x, packed, tiles, want_d2=False)
         out["gemm"] = t(gemm)
         out["+norms"] = t(gemm_add) - out["gemm"]
         out["argmin"] = (
-            t(lambda: kernels.assign(x, packed, want_d2=False)) - out["gemm"] - out["+norms"]
+            t(lambda: kernels.assign(x, packed, tiles, want_d2=False)) - out["gemm"] - out["+norms"]
         )
         out["sums+counts"] = t(
             lambda: (kernels.cluster_sums(x, labels, k), np.bincount(labels, minlength=k))
         )
-        out["whole step"] = t(lambda: kernels.lloyd_step(x, packed, None))
+        out["whole step"] = t(lambda: kernels.lloyd_step(x, packed, None, tiles))
         out["rows"] = len(x)
     return out
 
