@@ -33,7 +33,7 @@ from dkm.features import Features, build_features, features_identity
 from dkm.jobs import JobSpec, JobSpecError, check_against_data
 from dkm.results import ResultsStore, load_model, run_name, sweep_table
 from dkm.results.attrs import COMPLETE, FAILED, INTERRUPTED
-from dkm.runtime import connect
+from dkm.runtime import check_interrupted, connect
 
 __all__ = ["JobOutcome", "Plan", "PlannedRun", "plan_job", "run_id", "run_job"]
 
@@ -308,6 +308,7 @@ class _JobRunner:
         every = spec.output.checkpoint_every
 
         def on_state(state: FitState) -> None:
+            check_interrupted()
             progress(state)
             if state.iteration % every == 0 or state.info.get("stopped"):
                 self.results.write_checkpoint(name, state, rid)
@@ -455,6 +456,7 @@ def run_job(
             outcomes: list[RunOutcome] = []
             try:
                 for k in spec.model.k:
+                    check_interrupted()
                     outcomes.append(runner.run(k))
             except KeyboardInterrupt:
                 results.finish(INTERRUPTED, {"seconds": time.perf_counter() - started})

@@ -8,9 +8,13 @@ security config (``distributed.comm.tls.*``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,7 +23,13 @@ from distributed import Client, LocalCluster
 
 from dkm import config
 
-__all__ = ["SchedulerUnreachable", "connect", "default_cluster_shape", "resolve_address"]
+__all__ = [
+    "SchedulerUnreachable",
+    "check_interrupted",
+    "connect",
+    "default_cluster_shape",
+    "resolve_address",
+]
 
 log = logging.getLogger("dkm")
 
@@ -121,40 +131,142 @@ def connect(
             "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and .client.key "
             "(e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE=...)"
         )
-    if address:
-        try:
-            client = Client(address, timeout=timeout)
-        except OSError as err:
-            raise SchedulerUnreachable(
-                f"no Dask scheduler answered at {address} within {timeout:g} s ({err})"
-            ) from err
-        with client:
+    with _ctrl_c_handled():
+        if address:
+            try:
+                client = Client(address, timeout=timeout)
+            except OSError as err:
+                raise SchedulerUnreachable(
+                    f"no Dask scheduler answered at {address} within {timeout:g} s ({err})"
+                ) from err
             log.info("connected to %s; dashboard: %s", address, client.dashboard_link)
-            yield client
-        return
+            with _closing(client):
+                yield client
+            return
 
-    workers, threads = default_cluster_shape()
-    if n_workers is not None or threads_per_worker is not None:
-        cores = workers * threads
-        workers = n_workers or max(1, cores // (threads_per_worker or 1))
-        threads = threads_per_worker or max(1, cores // workers)
-    # Nanny workers pin OMP/MKL/OPENBLAS threads to 1, so one BLAS thread runs per task.
-    with (
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            processes=True,
-            host="127.0.0.1",
-            memory_limit=memory_limit,
-            dashboard_address=dashboard_address,
-            silence_logs=logging.WARNING,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+        workers, threads = default_cluster_shape()
+        if n_workers is not None or threads_per_worker is not None:
+            cores = workers * threads
+            workers = n_workers or max(1, cores // (threads_per_worker or 1))
+            threads = threads_per_worker or max(1, cores // workers)
+        # The worker processes inherit an ignored SIGINT: Ctrl-C in a terminal reaches the
+        # whole process group, and only this process should react (by closing the cluster).
+        # Nanny workers pin OMP/MKL/OPENBLAS threads to 1, so one BLAS thread runs per task.
+        with _sigint_ignored():
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=True,
+                host="127.0.0.1",
+                memory_limit=memory_limit,
+                dashboard_address=dashboard_address,
+                silence_logs=logging.WARNING,
+            )
+            client = Client(cluster)
         log.info(
             "started a LocalCluster with %d worker(s) x %d thread(s); dashboard: %s",
             workers,
             threads,
             client.dashboard_link,
         )
-        yield client
+        with _closing(client, cluster):
+            yield client
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+_interrupted = threading.Event()
+
+
+def check_interrupted() -> None:
+    """Raise :class:`KeyboardInterrupt` if Ctrl-C arrived while it could not be raised.
+
+    Python drops an exception raised inside a ``__del__`` (distributed releases futures
+    there), so the signal handler also sets a flag that long loops check between steps.
+    """
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+def _on_sigint(signum, frame) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def _unraisable(hook):
+    def quiet(unraisable) -> None:
+        # A Ctrl-C swallowed by a __del__ is not an error to print: the flag has it.
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            hook(unraisable)
+
+    return quiet
+
+
+class _DropAllExit(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for the gathers that Ctrl-C cut
+    short (distributed's ``AllExit``); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        return not (exc is not None and exc.__name__ == "AllExit")
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextmanager
+def _ctrl_c_handled() -> Iterator[None]:
+    """While a cluster is up: Ctrl-C raises KeyboardInterrupt here (and is remembered), and
+    the noise of an interrupted client is kept off the terminal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _interrupted.clear()
+    old_handler = signal.signal(signal.SIGINT, _on_sigint)
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = _unraisable(old_hook)
+    drop = _DropAllExit()
+    logging.getLogger("asyncio").addFilter(drop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        sys.unraisablehook = old_hook
+        logging.getLogger("asyncio").removeFilter(drop)
+
+
+def _silence_distributed() -> None:
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def _closing(client: Client, cluster: LocalCluster | None = None) -> Iterator[None]:
+    """Close the client (and a cluster dkm started) however the block ends; after Ctrl-C,
+    quietly: the scheduler and workers would otherwise log the work they lost."""
+    interrupted = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        with _sigint_ignored():  # a second Ctrl-C must not cut the teardown short
+            if interrupted or _interrupted.is_set():
+                _silence_distributed()
+                if cluster is not None:  # never silence the workers of someone else's cluster
+                    with contextlib.suppress(Exception):
+                        client.run(_silence_distributed)
+            with contextlib.suppress(Exception):
+                client.close(timeout=10)
+            if cluster is not None:
+                with contextlib.suppress(Exception):
+                    cluster.close(timeout=10)
