@@ -9,12 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from click.testing import CliRunner
 
 from dkm.cli import main
 from dkm.data.store import write_atomic
 from dkm.features import PatchLayout, cut_patches
-from dkm.results import ResultsStore, run_name, sweep_table
+from dkm.results import ResultsStore, load_model, run_name, sweep_table
 from dkm.results.store import as_variables
 
 
@@ -144,3 +145,36 @@ def test_missing_array_of_a_dataset(copy_of):
     result = run("info", path)
     assert result.exit_code == 1
     assert "variable 'images' has no metadata" in result.stderr and str(path) in result.stderr
+
+
+def test_a_results_store_written_before_the_layout_move_still_reads(tmp_path):
+    # What dkm 0.1 wrote: no dkm_store mark, no run ids, no x_mean, no variables list.
+    path = tmp_path / "old.zarr"
+    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    root.attrs.update({"job": {"name": "old"}, "status": "complete", "tile_shape": [4, 4]})
+    rng = np.random.default_rng(1)
+    for k in (2, 4):
+        attrs = {
+            "algorithm": "lloyd",
+            "k": k,
+            "inertia": 1.0 / k,
+            "n_iter": 3,
+            "status": "complete",
+        }
+        attrs["metrics"] = {"inertia": 1.0 / k}
+        xr.Dataset(
+            {"centroids": (("cluster", "feature"), rng.random((k, 16), dtype=np.float32))},
+            attrs=attrs,
+        ).to_zarr(path, group=f"runs/lloyd-k{k}", mode="w", consolidated=False)
+        xr.Dataset({"inertia": ("iteration", [2.0, 1.5, 1.0 / k])}).to_zarr(
+            path, group=f"runs/lloyd-k{k}/history", mode="w", consolidated=False
+        )
+    shown = run("show", path)
+    assert shown.exit_code == 0, shown.output
+    assert "job 'old', status complete" in shown.stdout and "lloyd-k4" in shown.stdout
+    assert run("info", path).exit_code == 0
+    assert run("report", path).exit_code == 0
+    model = load_model(path, "lloyd-k4")
+    x = rng.random((10, 16), dtype=np.float32)
+    want = ((x[:, None] - model.cluster_centers_[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(model.predict(x), want)
