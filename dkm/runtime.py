@@ -8,6 +8,8 @@ security config (``distributed.comm.tls.*``).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -17,6 +19,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
@@ -26,6 +29,7 @@ from dkm import config
 __all__ = [
     "SchedulerUnreachable",
     "check_interrupted",
+    "check_scheduler",
     "connect",
     "default_cluster_shape",
     "resolve_address",
@@ -133,6 +137,7 @@ def connect(
         )
     with _ctrl_c_handled():
         if address:
+            check_scheduler(address, timeout)
             try:
                 client = Client(address, timeout=timeout)
             except OSError as err:
@@ -171,6 +176,61 @@ def connect(
         )
         with _closing(client, cluster):
             yield client
+
+
+# ----------------------------------------------------------------------------- probing
+
+
+async def _identity(address: str, timeout: float) -> Any:
+    from distributed.comm import connect as comm_connect
+    from distributed.security import Security
+
+    args = Security().get_connection_args("client")
+    comm = await asyncio.wait_for(comm_connect(address, timeout=timeout, **args), timeout)
+    try:
+        await asyncio.wait_for(comm.write({"op": "identity"}), timeout)
+        return await asyncio.wait_for(comm.read(), timeout)
+    finally:
+        comm.abort()
+
+
+def check_scheduler(address: str, timeout: float) -> None:
+    """Make sure a Dask scheduler answers at ``address`` within ``timeout`` seconds.
+
+    ``distributed.Client`` waits without bound on a socket that accepts connections but never
+    speaks the Dask protocol (a dashboard or any other HTTP port, a silent socket), so dkm asks
+    the scheduler who it is first, with every step bounded.
+
+    Raises
+    ------
+    SchedulerUnreachable
+        Nothing answered, something else answered, or something that is not a scheduler.
+    """
+    # A fresh event loop in a helper thread: this also works inside a running loop (Jupyter).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dkm-probe") as pool:
+        future = pool.submit(asyncio.run, _identity(address, timeout))
+        try:
+            reply = future.result(timeout + 5)
+        except TimeoutError:
+            raise SchedulerUnreachable(
+                f"{address} accepts connections but did not answer the Dask handshake within "
+                f"{timeout:g} s: it is not a Dask scheduler (a dashboard or another service's "
+                "port?); give the scheduler's address, by default port 8786"
+            ) from None
+        except OSError as err:
+            raise SchedulerUnreachable(
+                f"no Dask scheduler answered at {address} within {timeout:g} s ({err})"
+            ) from None
+        except Exception as err:  # garbage that fails to deserialise, a reset connection...
+            raise SchedulerUnreachable(
+                f"{address} does not speak the Dask protocol ({type(err).__name__}: {err}); "
+                "give the scheduler's address, by default port 8786"
+            ) from None
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind != "Scheduler":
+        raise SchedulerUnreachable(
+            f"{address} is a Dask {kind or 'peer'}, not a scheduler; give the scheduler's address"
+        )
 
 
 # ----------------------------------------------------------------------------- Ctrl-C

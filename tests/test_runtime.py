@@ -9,7 +9,12 @@ no address a machine-sized LocalCluster whose workers run BLAS single-threaded i
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
+import socket
+import socketserver
+import threading
 import time
 
 import dask
@@ -17,6 +22,7 @@ import pytest
 
 from dkm.runtime import (
     SchedulerUnreachable,
+    check_scheduler,
     connect,
     default_cluster_shape,
     resolve_address,
@@ -96,6 +102,73 @@ def test_address_precedence(monkeypatch):
         monkeypatch.setenv("DKM_SCHEDULER", "tcp://from-env:2")
         assert resolve_address() == "tcp://from-env:2"
         assert resolve_address("tcp://given:3") == "tcp://given:3"
+        # The job's cluster.address sits below the variable and above dask's config.
+        assert resolve_address(None, "tcp://job:4") == "tcp://from-env:2"
+        monkeypatch.setenv("DKM_SCHEDULER", "")  # empty counts as unset
+        assert resolve_address(None, "tcp://job:4") == "tcp://job:4"
+        assert resolve_address() == "tcp://from-config:1"
+    with pytest.raises(SchedulerUnreachable, match="--scheduler is empty"):
+        resolve_address("  ")
+
+
+@pytest.fixture
+def silent_socket():
+    """A 127.0.0.1 port that accepts connections and never says a word."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+@pytest.fixture
+def http_port():
+    """A plain HTTP server on 127.0.0.1, like a dashboard port given by mistake."""
+    server = socketserver.TCPServer(("127.0.0.1", 0), _QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("server", ["silent_socket", "http_port"])
+def test_something_that_is_not_a_scheduler_is_refused_in_time(request, server):
+    port = request.getfixturevalue(server)
+    start = time.monotonic()
+    with (
+        pytest.raises(SchedulerUnreachable, match="did not answer the Dask handshake within 2 s"),
+        connect(f"tcp://127.0.0.1:{port}", timeout=2),
+    ):
+        pytest.fail("connected to something that is not a scheduler")
+    assert time.monotonic() - start < 10
+
+
+def test_a_worker_address_is_not_a_scheduler(threaded_cluster):
+    worker = next(iter(threaded_cluster.scheduler_info["workers"]))
+    with pytest.raises(SchedulerUnreachable, match="is a Dask Worker, not a scheduler"):
+        check_scheduler(worker, 5)
+    check_scheduler(threaded_cluster.scheduler_address, 5)
 
 
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
