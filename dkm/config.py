@@ -42,7 +42,7 @@ def get_seconds(key: str) -> float:
     value = get(key)
     try:
         return float(parse_timedelta(value, default="seconds"))
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, KeyError) as err:
         raise ValueError(
             f"dask config dkm.{key}: expected a duration such as 10s, got {value!r}"
         ) from err

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from dkm import evaluate
+from dkm import config, evaluate
 from dkm._parallel.base import FitState
 from dkm.data import catalog
+from dkm.data.locks import StoreLocked, store_lock
 from dkm.data.store import StoreError
 from dkm.features import Features, build_features, features_identity
 from dkm.jobs import JobSpec, JobSpecError, check_against_data
@@ -366,9 +367,12 @@ def _versions() -> dict[str, str]:
 def _prepare(spec: JobSpec) -> tuple[Path, Features]:
     """Ingest the dataset if needed and build the features, errors named by job key."""
     try:
-        data_store = catalog.ingest(
-            spec.data.dataset, spec.data.store, source=spec.data.source, **spec.data.options
-        )
+        with store_lock(
+            spec.data.store, purpose="ingest", wait=config.get_seconds("store.lock-wait")
+        ):
+            data_store = catalog.ingest(
+                spec.data.dataset, spec.data.store, source=spec.data.source, **spec.data.options
+            )
     except StoreError as err:
         raise JobSpecError(
             [("data.store", f"{err}; set data.store to another path")], "job"
@@ -417,6 +421,16 @@ def run_job(
     KeyboardInterrupt
         After recording the job as interrupted (finished runs and checkpoints are kept).
     """
+    try:
+        with store_lock(spec.output.store, purpose=f"dkm run of job {spec.name!r}"):
+            return _run_locked(spec, scheduler, fresh, resume, performance_report)
+    except StoreLocked as err:
+        raise JobSpecError(
+            [("output.store", f"{err}; wait for it to finish, or stop it and run again")], "job"
+        ) from None
+
+
+def _run_locked(spec, scheduler, fresh, resume, performance_report) -> JobOutcome:
     plan_job(spec, fresh=fresh, resume=resume)
     results = ResultsStore(spec.output.store)
     if fresh and results.exists():

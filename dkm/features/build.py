@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from dkm import config
+from dkm.data.locks import store_lock
 from dkm.data.store import StoreError, is_complete, open_dataset, probe, read_attrs, store_identity
 from dkm.features.patches import PatchLayout, extract_patches, write_patches
 from dkm.features.pixels import pixel_matrix
@@ -214,10 +216,12 @@ def build_features(
     if layout is None:
         raise ValueError("patch features need a PatchLayout")
     path = Path(store) if store is not None else patch_store_path(data_store, layout, split)
-    if _reusable(path, layout, data_store):
-        log.info("%s: reusing extracted patches", path)
-    else:
-        cut_patches(images, layout, path, source_store=data_store, overwrite=path.exists())
+    # Two jobs may want the same patches at once: the second waits, then reuses them.
+    with store_lock(path, purpose="cutting patches", wait=config.get_seconds("store.lock-wait")):
+        if _reusable(path, layout, data_store):
+            log.info("%s: reusing extracted patches", path)
+        else:
+            cut_patches(images, layout, path, source_store=data_store, overwrite=path.exists())
     X = open_dataset(path)["patches"]
     attrs = {"kind": "patches", "image_shape": list(image_shape), "split": split, **layout.attrs()}
     return Features(X, None, layout.tile_shape(image_shape), path, attrs, identity())
