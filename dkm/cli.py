@@ -16,7 +16,7 @@ from dkm.data import catalog
 from dkm.data.download import ChecksumError
 from dkm.data.readers import DataFormatError
 from dkm.data.store import StoreError, is_complete, open_dataset, probe, store_kind
-from dkm.runtime import SchedulerUnreachable, connect
+from dkm.runtime import SchedulerLost, SchedulerUnreachable, connect
 
 log = logging.getLogger("dkm")
 
@@ -275,6 +275,13 @@ def run(
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
+    except SchedulerLost as err:
+        click.echo(
+            f"dkm: error: {err}: start a scheduler and run `dkm run {job_file}` again "
+            "(with --scheduler if its address changed) to continue",
+            err=True,
+        )
+        sys.exit(1)
     _show(outcome.store)
     if outcome.failed:
         lines = "; ".join(f"{r.name}: {r.error}" for r in outcome.failed)
@@ -391,6 +398,34 @@ def report(store: Path, out: Path | None) -> None:
 
     _results_store(store)
     click.echo(str(write_report(store, out).resolve()))
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    default=None,
+    help="tcp:// or tls:// address of a Dask scheduler to read the chunks on; default: "
+    "$DKM_SCHEDULER or dask config, else threads in this process.",
+)
+@_user_errors
+def verify(store: Path, scheduler: str | None) -> None:
+    """Read back every chunk of a dataset, patch or results STORE; name any damaged one."""
+    from dkm.data.integrity import verify_store
+    from dkm.runtime import resolve_address
+
+    # Without a scheduler address the chunks are read by threads in this process, not on a
+    # new LocalCluster: reading is I/O, Zstd and CRC32C work that releases the GIL, so threads
+    # keep every core busy, each holding one decoded chunk, without the seconds a cluster
+    # takes to start. Given an address (--scheduler, $DKM_SCHEDULER, dask config), the reads
+    # run on that cluster, close to stores too large for one machine.
+    if resolve_address(scheduler) is None:
+        report = verify_store(store)
+    else:
+        with connect(scheduler) as client:
+            report = verify_store(store, client=client)
+    click.echo(report.summary())
 
 
 @main.command()

@@ -34,7 +34,7 @@ from dkm.features import Features, build_features, features_identity
 from dkm.jobs import JobSpec, JobSpecError, check_against_data
 from dkm.results import ResultsStore, load_model, run_name, sweep_table
 from dkm.results.attrs import COMPLETE, FAILED, INTERRUPTED
-from dkm.runtime import check_interrupted, connect
+from dkm.runtime import SchedulerLost, check_interrupted, connect
 
 __all__ = ["JobOutcome", "Plan", "PlannedRun", "plan_job", "run_id", "run_job"]
 
@@ -246,8 +246,9 @@ def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, flo
 class _JobRunner:
     """The loop over a job's runs, on a connected cluster."""
 
-    def __init__(self, spec: JobSpec, features: Features, results: ResultsStore):
+    def __init__(self, spec: JobSpec, features: Features, results: ResultsStore, client):
         self.spec, self.features, self.results = spec, features, results
+        self.client = client
 
     def run(self, k: int) -> RunOutcome:
         spec = self.spec
@@ -260,6 +261,12 @@ class _JobRunner:
         try:
             metrics = self._fit(name, k, identity, rid)
         except Exception as err:  # the run fails; the job goes on with the others
+            if self.client.status != "running":  # not the run's fault: the cluster is gone
+                raise SchedulerLost(
+                    f"lost the Dask scheduler at {self.client.scheduler.address} during {name} "
+                    f"({_error_text(err).splitlines()[0]}); finished runs and checkpoints are "
+                    f"kept in {self.results.path}"
+                ) from None
             log.debug("%s failed", name, exc_info=True)
             log.error("%s: failed: %s", name, _error_text(err))
             attrs = {"algorithm": spec.model.algorithm, "k": k, "identity": identity, "run_id": rid}
@@ -466,7 +473,7 @@ def _run_locked(spec, scheduler, fresh, resume, performance_report) -> JobOutcom
                     },
                 }
             )
-            runner = _JobRunner(spec, features, results)
+            runner = _JobRunner(spec, features, results, client)
             outcomes: list[RunOutcome] = []
             try:
                 for k in spec.model.k:
@@ -474,6 +481,11 @@ def _run_locked(spec, scheduler, fresh, resume, performance_report) -> JobOutcom
                     outcomes.append(runner.run(k))
             except KeyboardInterrupt:
                 results.finish(INTERRUPTED, {"seconds": time.perf_counter() - started})
+                raise
+            except SchedulerLost as err:
+                results.finish(
+                    INTERRUPTED, {"seconds": time.perf_counter() - started, "error": str(err)}
+                )
                 raise
             done = [o for o in outcomes if o.status != "failed"]
             if done:

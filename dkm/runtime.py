@@ -27,6 +27,7 @@ from distributed import Client, LocalCluster
 from dkm import config
 
 __all__ = [
+    "SchedulerLost",
     "SchedulerUnreachable",
     "check_interrupted",
     "check_scheduler",
@@ -40,6 +41,10 @@ log = logging.getLogger("dkm")
 
 class SchedulerUnreachable(ConnectionError):
     """No Dask scheduler answered at the given address in time."""
+
+
+class SchedulerLost(ConnectionError):
+    """The scheduler went away while dkm was using it."""
 
 
 def _cores() -> int:
@@ -305,17 +310,22 @@ def _ctrl_c_handled() -> Iterator[None]:
 
 
 def _silence_distributed() -> None:
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    # distributed's logging config gives some children (distributed.client, ...) levels of
+    # their own, so the parent's level alone does not reach them.
+    names = [n for n in logging.Logger.manager.loggerDict if n.startswith("distributed")]
+    for name in ["distributed", *names]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @contextmanager
 def _closing(client: Client, cluster: LocalCluster | None = None) -> Iterator[None]:
-    """Close the client (and a cluster dkm started) however the block ends; after Ctrl-C,
-    quietly: the scheduler and workers would otherwise log the work they lost."""
+    """Close the client (and a cluster dkm started) however the block ends; after Ctrl-C or
+    a lost scheduler, quietly: distributed would otherwise log the work and the connection it
+    lost, as tracebacks."""
     interrupted = False
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SchedulerLost):
         interrupted = True
         raise
     finally:

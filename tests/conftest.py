@@ -141,24 +141,16 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=15)
 
 
-@pytest.fixture(scope="session")
-def cli_cluster(tmp_path_factory):
-    """Address of a scheduler and two single-threaded workers started as separate processes
-    with the ``dask`` command on 127.0.0.1, as a user would start a remote cluster."""
-    workdir = tmp_path_factory.mktemp("dask-cli-cluster")
-    sched_file = workdir / "scheduler.json"
-    procs = []
+class CliCluster:
+    """A scheduler and single-threaded workers started with the ``dask`` command on 127.0.0.1
+    as separate processes, as a user would start a remote cluster."""
 
-    def start(args: list[str], log_name: str) -> None:
-        with open(workdir / log_name, "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [str(DASK_CLI), *args], stdout=log, stderr=subprocess.STDOUT, cwd=workdir
-                )
-            )
-
-    try:
-        start(
+    def __init__(self, workdir: Path, n_workers: int = 2):
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        sched_file = workdir / "scheduler.json"
+        sched_file.unlink(missing_ok=True)
+        self.scheduler = self._start(
             [
                 "scheduler",
                 "--host",
@@ -172,17 +164,18 @@ def cli_cluster(tmp_path_factory):
             "scheduler.log",
         )
         deadline = time.monotonic() + 60
-        address = None
-        while address is None:
-            if procs[0].poll() is not None or time.monotonic() > deadline:
+        self.address = None
+        while self.address is None:
+            if self.scheduler.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 pytest.fail(
                     f"dask scheduler did not start:\n{(workdir / 'scheduler.log').read_text()}"
                 )
             try:
-                address = json.loads(sched_file.read_text())["address"]
+                self.address = json.loads(sched_file.read_text())["address"]
             except (FileNotFoundError, json.JSONDecodeError, KeyError):
                 time.sleep(0.1)
-        start(
+        self.workers = self._start(
             [
                 "worker",
                 "--scheduler-file",
@@ -190,7 +183,7 @@ def cli_cluster(tmp_path_factory):
                 "--host",
                 "127.0.0.1",
                 "--nworkers",
-                "2",
+                str(n_workers),
                 "--nthreads",
                 "1",
                 "--no-dashboard",
@@ -199,9 +192,45 @@ def cli_cluster(tmp_path_factory):
             ],
             "worker.log",
         )
-        with Client(address, timeout=30) as c:
-            c.wait_for_workers(2, timeout=60)
-        yield address
-    finally:
-        for proc in reversed(procs):
+        with Client(self.address, timeout=30) as c:
+            c.wait_for_workers(n_workers, timeout=60)
+
+    def _start(self, args: list[str], log_name: str) -> subprocess.Popen:
+        with open(self.workdir / log_name, "ab") as log:
+            proc = subprocess.Popen(
+                [str(DASK_CLI), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
             _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def cli_cluster(tmp_path_factory):
+    """Address of a scheduler and two single-threaded workers started as separate processes
+    with the ``dask`` command on 127.0.0.1, as a user would start a remote cluster."""
+    cluster = CliCluster(tmp_path_factory.mktemp("dask-cli-cluster"))
+    try:
+        yield cluster.address
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def start_cli_cluster(tmp_path):
+    """``start()`` -> a new :class:`CliCluster` of its own (stopped after the test), for
+    tests that kill or restart cluster processes."""
+    started: list[CliCluster] = []
+
+    def start(n_workers: int = 2) -> CliCluster:
+        workdir = tmp_path / f"cluster-{len(started)}"
+        workdir.mkdir()
+        started.append(CliCluster(workdir, n_workers))
+        return started[-1]
+
+    yield start
+    for cluster in started:
+        cluster.stop()
