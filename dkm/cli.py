@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,7 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"dkm: error: {err}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             click.echo("dkm: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
@@ -269,6 +271,7 @@ def run(
             performance_report=performance_report,
         )
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: we are leaving anyway
         click.echo(
             f"dkm: interrupted; finished runs and checkpoints are kept in {spec.output.store}: "
             f"run `dkm run {job_file}` again to continue",

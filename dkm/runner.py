@@ -28,8 +28,9 @@ import numpy as np
 from dkm import config, evaluate
 from dkm._parallel.base import FitState
 from dkm.data import catalog
+from dkm.data.integrity import verify_once
 from dkm.data.locks import StoreLocked, store_lock
-from dkm.data.store import StoreError
+from dkm.data.store import StoreError, probe
 from dkm.features import Features, build_features, features_identity
 from dkm.jobs import JobSpec, JobSpecError, check_against_data
 from dkm.results import ResultsStore, load_model, run_name, sweep_table
@@ -160,7 +161,10 @@ def _plan_run(
             return PlannedRun(name, k, "resume", f"from iteration {checkpoint.iteration}")
         return PlannedRun(name, k, "compute")
     if info.status == COMPLETE and wanted is not None and info.run_id == wanted:
-        return PlannedRun(name, k, "reuse")
+        problem = results.verify_run(name)
+        if problem is None:
+            return PlannedRun(name, k, "reuse")
+        return PlannedRun(name, k, "recompute", f"damaged: {problem}")
     if info.status == COMPLETE:
         why = (
             "its features are not cut yet" if wanted is None else "its inputs or parameters changed"
@@ -257,7 +261,10 @@ class _JobRunner:
         rid = run_id(identity)
         info = self.results.run_info(name)
         if info is not None and info.status == COMPLETE and info.run_id == rid:
-            return self._complete(name, k, info.attrs)
+            problem = self.results.verify_run(name)
+            if problem is None:
+                return self._complete(name, k, info.attrs)
+            log.warning("%s: %s; computing it again", name, problem)
         try:
             metrics = self._fit(name, k, identity, rid)
         except Exception as err:  # the run fails; the job goes on with the others
@@ -371,6 +378,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _data_error(spec: JobSpec, err: StoreError, damaged: bool) -> JobSpecError:
+    """A data-store problem named by its job key, with the remedy that fits it."""
+    state = probe(spec.data.store)
+    if damaged or (state is not None and state.kind == "dataset" and not state.complete):
+        again = f"dkm ingest {spec.data.dataset} --store {spec.data.store} --overwrite"
+        remedy = f": ingest it again ({again}) or set data.store to another path"
+    else:
+        remedy = "; set data.store to another path"
+    return JobSpecError([("data.store", f"{err}{remedy}")], "job")
+
+
 def _prepare(spec: JobSpec) -> tuple[Path, Features]:
     """Ingest the dataset if needed and build the features, errors named by job key."""
     try:
@@ -381,9 +399,11 @@ def _prepare(spec: JobSpec) -> tuple[Path, Features]:
                 spec.data.dataset, spec.data.store, source=spec.data.source, **spec.data.options
             )
     except StoreError as err:
-        raise JobSpecError(
-            [("data.store", f"{err}; set data.store to another path")], "job"
-        ) from None
+        raise _data_error(spec, err, damaged=False) from None
+    try:
+        verify_once(data_store)  # read whole once per write of the store
+    except StoreError as err:
+        raise _data_error(spec, err, damaged=True) from None
     _data_problems(spec, catalog.store_shape(data_store), spec.data.store)
     f = spec.features
     try:

@@ -15,14 +15,16 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from dkm import config
 
@@ -173,6 +175,9 @@ def connect(
                 silence_logs=logging.WARNING,
             )
             client = Client(cluster)
+            # A worker the nanny restarts later is spawned from this process, whose SIGINT is
+            # handled by then: the plugin ignores it in every worker, restarted ones included.
+            client.register_plugin(_IgnoreSigint(), name="dkm-ignore-sigint")
         log.info(
             "started a LocalCluster with %d worker(s) x %d thread(s); dashboard: %s",
             workers,
@@ -199,6 +204,51 @@ async def _identity(address: str, timeout: float) -> Any:
         comm.abort()
 
 
+def _check_address(address: str) -> None:
+    from distributed.comm import parse_address
+
+    try:
+        scheme, _ = parse_address(address, strict=True)
+        if scheme in ("tcp", "tls"):
+            from distributed.comm import get_address_host_port
+
+            get_address_host_port(address)
+    except (ValueError, TypeError):
+        raise SchedulerUnreachable(
+            f"{address!r} is not a scheduler address (expected tcp://HOST:PORT or tls://HOST:PORT)"
+        ) from None
+    if scheme not in ("tcp", "tls", "inproc", "ws", "wss", "ucx"):
+        raise SchedulerUnreachable(
+            f"{address!r}: {scheme}:// is not a Dask transport (expected tcp:// or tls://)"
+        )
+
+
+def _check_port(address: str, timeout: float) -> None:
+    """Whether anything listens at a tcp:// or tls:// address (TCP only, no protocol)."""
+    from distributed.comm import get_address_host_port
+
+    try:
+        host, port = get_address_host_port(address)
+    except ValueError:  # inproc:// and other transports: nothing to knock on
+        return
+    if not 0 < port < 65536:
+        raise SchedulerUnreachable(f"{address}: port {port} is out of range (1-65535)")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(
+                (host, port), timeout=max(0.1, deadline - time.monotonic())
+            ).close()
+            return
+        except OSError as err:
+            # A scheduler that is still starting refuses for a moment: retry until the timeout.
+            if time.monotonic() >= deadline:
+                raise SchedulerUnreachable(
+                    f"no Dask scheduler answered at {address} within {timeout:g} s ({err})"
+                ) from None
+            time.sleep(0.2)
+
+
 def check_scheduler(address: str, timeout: float) -> None:
     """Make sure a Dask scheduler answers at ``address`` within ``timeout`` seconds.
 
@@ -211,6 +261,8 @@ def check_scheduler(address: str, timeout: float) -> None:
     SchedulerUnreachable
         Nothing answered, something else answered, or something that is not a scheduler.
     """
+    _check_address(address)
+    _check_port(address, timeout)
     # A fresh event loop in a helper thread: this also works inside a running loop (Jupyter).
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dkm-probe") as pool:
         future = pool.submit(asyncio.run, _identity(address, timeout))
@@ -268,12 +320,23 @@ def _unraisable(hook):
 
 
 class _DropAllExit(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for the gathers that Ctrl-C cut
-    short (distributed's ``AllExit``); every other record passes."""
+    """Drops the noise of gathers that Ctrl-C cut short: asyncio's "Task exception was never
+    retrieved" for distributed's ``AllExit``, and the NameError distributed's ``sync`` logs
+    when Ctrl-C lands before its future exists; every other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[0] if record.exc_info else None
-        return not (exc is not None and exc.__name__ == "AllExit")
+        if exc is not None and exc.__name__ == "AllExit":
+            return False
+        return not (exc is NameError and "sync.<locals>.cancel" in record.getMessage())
+
+
+class _IgnoreSigint(WorkerPlugin):
+    """Worker plugin: SIGINT is the client's to handle (see :func:`connect`)."""
+
+    def setup(self, worker) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextmanager
@@ -300,13 +363,15 @@ def _ctrl_c_handled() -> Iterator[None]:
     old_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable(old_hook)
     drop = _DropAllExit()
-    logging.getLogger("asyncio").addFilter(drop)
+    for name in ("asyncio", "tornado.application"):
+        logging.getLogger(name).addFilter(drop)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, old_handler)
         sys.unraisablehook = old_hook
-        logging.getLogger("asyncio").removeFilter(drop)
+        for name in ("asyncio", "tornado.application"):
+            logging.getLogger(name).removeFilter(drop)
 
 
 def _silence_distributed() -> None:

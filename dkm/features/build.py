@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from dkm import config
+from dkm.data.integrity import verify_once
 from dkm.data.locks import store_lock
 from dkm.data.store import StoreError, is_complete, open_dataset, probe, read_attrs, store_identity
 from dkm.features.patches import PatchLayout, extract_patches, write_patches
@@ -160,6 +161,17 @@ def _reusable(path: Path, layout: PatchLayout, data_store: Path) -> bool:
     return True
 
 
+def _intact(path: Path) -> bool:
+    """Whether a stored patch matrix reads back whole (checked once per write); a damaged one
+    is derived data, so it is cut again rather than refused."""
+    try:
+        verify_once(path)
+    except StoreError as err:
+        log.warning("%s; cutting the patches again", err)
+        return False
+    return True
+
+
 def build_features(
     data_store: str | os.PathLike,
     *,
@@ -218,7 +230,7 @@ def build_features(
     path = Path(store) if store is not None else patch_store_path(data_store, layout, split)
     # Two jobs may want the same patches at once: the second waits, then reuses them.
     with store_lock(path, purpose="cutting patches", wait=config.get_seconds("store.lock-wait")):
-        if _reusable(path, layout, data_store):
+        if _reusable(path, layout, data_store) and _intact(path):
             log.info("%s: reusing extracted patches", path)
         else:
             cut_patches(images, layout, path, source_store=data_store, overwrite=path.exists())
