@@ -6,10 +6,21 @@ This module is the single owner of the conventions every dkm Zarr v3 store follo
   (``"dataset"``, ``"patches"``, ``"features"``, ``"results"``);
 - ``dkm_write_id`` (:data:`WRITE_ID_ATTR`): a fresh random id per write, so a reader can tell
   that a store was rewritten even when its path and contents look alike;
-- ``dkm_status = "complete"`` (:data:`STATUS_ATTR`): set only after all data is on disk.
+- ``dkm_status = "complete"`` (:data:`STATUS_ATTR`): set only after all data is on disk;
+- ``dkm_manifest`` (:data:`MANIFEST_ATTR`): stamped with the other marks, what was written:
+  per array its chunk grid (shape, chunk shape, number of chunks) and its checksum codec;
+- ``dkm_verified`` (:data:`VERIFIED_ATTR`): the write id of the last write whose every chunk
+  a deep pass (:func:`dkm.data.integrity.verify_store`) read back intact.
+
+Every array dkm writes carries a CRC32C checksum after its compressor and has every chunk of
+its grid on disk (``write_empty_chunks``; :func:`checksum_encoding`), so an absent chunk file
+can only mean damage and a changed byte fails to decode. :func:`open_dataset` (and
+:func:`require_complete`, :func:`probe`) check from a directory listing that every chunk file
+of the manifest is there and not empty; reading every chunk is the deep pass's job. Stores
+written before the manifest existed read as before, unchecked.
 
 :func:`write_atomic` builds a store under a hidden temporary name next to its destination,
-stamps all three marks in one metadata write, consolidates, and renames it into place, so an
+stamps all the marks in one metadata write, consolidates, and renames it into place, so an
 interrupted write can never be mistaken for a result. Stores written before ``dkm_store``
 existed are still recognised from their attrs (:func:`store_kind`).
 
@@ -21,31 +32,45 @@ verb) re-raise with their own remedy, such as "set data.store to another path".
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import shutil
+import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import xarray as xr
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from dkm import config
 
 __all__ = [
     "KINDS",
     "KIND_ATTR",
+    "MANIFEST_ATTR",
     "STATUS_ATTR",
+    "VERIFIED_ATTR",
     "WRITE_ID_ATTR",
+    "ArrayGrid",
     "StoreError",
     "StoreState",
+    "array_grids",
+    "check_chunks",
     "check_variables",
+    "checksum_encoding",
+    "chunk_manifest",
+    "chunk_problems",
     "is_complete",
+    "manifest_grids",
+    "missing_chunks",
     "open_dataset",
     "probe",
     "read_attrs",
@@ -54,6 +79,8 @@ __all__ = [
     "store_identity",
     "store_kind",
     "store_marks",
+    "update_root_attrs",
+    "with_checksums",
     "write_atomic",
 ]
 
@@ -62,10 +89,14 @@ log = logging.getLogger("dkm")
 STATUS_ATTR = "dkm_status"
 KIND_ATTR = "dkm_store"
 WRITE_ID_ATTR = "dkm_write_id"
+MANIFEST_ATTR = "dkm_manifest"
+VERIFIED_ATTR = "dkm_verified"
 KINDS = ("dataset", "patches", "features", "results")
 _COMPLETE = "complete"
 # The marks belong to one write of one store: never copied from a Dataset read elsewhere.
-_MARKS = (STATUS_ATTR, KIND_ATTR, WRITE_ID_ATTR)
+_MARKS = (STATUS_ATTR, KIND_ATTR, WRITE_ID_ATTR, MANIFEST_ATTR, VERIFIED_ATTR)
+MANIFEST_VERSION = 1
+_DAMAGED = "the store is damaged"
 
 
 class StoreError(RuntimeError):
@@ -344,6 +375,328 @@ def _short(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# ----------------------------------------------------------------------------- chunks
+
+
+def checksum_encoding(encoding: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A variable's Zarr v3 encoding with a CRC32C checksum and every chunk written.
+
+    The given keys are kept (``chunks``, ``shards``, CF keys...); a CRC32C codec is appended
+    to the compressors (zarr's default Zstd when none are given; none when they are
+    explicitly ``None``) unless one is there, and ``write_empty_chunks`` is forced on, so an
+    absent chunk file can only mean damage.
+
+    Parameters
+    ----------
+    encoding : mapping, optional
+        What the caller (or the variable read from another store) asks for.
+
+    Returns
+    -------
+    dict
+        A new encoding dict, accepted by ``xarray.Dataset.to_zarr(encoding=...)``.
+    """
+    out = dict(encoding or {})
+    given = out.get("compressors", [ZstdCodec(level=0, checksum=False)])  # zarr's v3 default
+    if given is None:
+        given = []
+    elif isinstance(given, Mapping | str) or not isinstance(given, list | tuple):
+        given = [given]
+    compressors = list(given)
+    if not any(_is_crc32c(c) for c in compressors):
+        compressors.append(Crc32cCodec())
+    out["compressors"] = compressors
+    out["write_empty_chunks"] = True
+    return out
+
+
+def _is_crc32c(codec: Any) -> bool:
+    if isinstance(codec, Crc32cCodec):
+        return True
+    if isinstance(codec, Mapping):
+        return codec.get("name") == "crc32c"
+    return codec == "crc32c"
+
+
+def with_checksums(
+    ds: xr.Dataset, encoding: Mapping[str, Any] | None = None
+) -> tuple[xr.Dataset, dict[str, Any]]:
+    """``ds`` (a shallow copy) and the ``encoding=`` to write it with, every array checksummed.
+
+    Variables named in ``encoding`` get that encoding (xarray checks its keys); the others
+    keep their own ``.encoding`` (from the store they were read from, if any). Both gain
+    :func:`checksum_encoding`.
+    """
+    given = dict(encoding or {})
+    ds = ds.copy(deep=False)
+    for name, var in ds.variables.items():
+        if name not in given:
+            var.encoding = checksum_encoding(var.encoding)
+    return ds, {name: checksum_encoding(enc) for name, enc in given.items()}
+
+
+@dataclass(frozen=True)
+class ArrayGrid:
+    """The chunk grid of one Zarr v3 array and how its chunk files are named.
+
+    Attributes
+    ----------
+    name : str
+        Path of the array inside its group (``"images"``, ``"history/inertia"``).
+    shape, chunks : tuple of int
+        Array shape and (outer, on-disk) chunk shape.
+    key_encoding : tuple of str
+        ``(encoding name, separator)``: ``("default", "/")`` names chunks ``c/0/1``.
+    checksum : str or None
+        ``"crc32c"`` when the codecs checksum every chunk.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    key_encoding: tuple[str, str] = ("default", "/")
+    checksum: str | None = None
+
+    @classmethod
+    def from_metadata(cls, name: str, meta: Mapping[str, Any]) -> ArrayGrid | None:
+        """From a parsed array ``zarr.json``; None for grids or key encodings dkm cannot
+        enumerate (anything but a regular grid with the default or v2 chunk keys)."""
+        grid = meta.get("chunk_grid") or {}
+        key = meta.get("chunk_key_encoding") or {"name": "default"}
+        if grid.get("name") != "regular" or key.get("name") not in ("default", "v2"):
+            return None
+        try:
+            shape = tuple(int(s) for s in meta["shape"])
+            chunks = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if len(chunks) != len(shape) or any(c < 1 for c in chunks):
+            return None
+        default_sep = "/" if key["name"] == "default" else "."
+        sep = str((key.get("configuration") or {}).get("separator", default_sep))
+        checksum = "crc32c" if '"crc32c"' in json.dumps(meta.get("codecs")) else None
+        return cls(name, shape, chunks, (key["name"], sep), checksum)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Chunks along each dimension."""
+        return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunks, strict=True))
+
+    @property
+    def n_chunks(self) -> int:
+        return math.prod(self.counts)
+
+    def key(self, coords: tuple[int, ...]) -> str:
+        """The chunk's file path inside the array directory, e.g. ``c/3/0/0``."""
+        kind, sep = self.key_encoding
+        if kind == "default":
+            return "c" + "".join(f"{sep}{i}" for i in coords)
+        return sep.join(map(str, coords)) or "0"
+
+    def keys(self) -> Iterator[tuple[tuple[int, ...], str]]:
+        """``(chunk coordinates, key)`` of every chunk of the grid, in C order."""
+        for coords in itertools.product(*(range(n) for n in self.counts)):
+            yield coords, self.key(coords)
+
+    def region(self, coords: tuple[int, ...]) -> tuple[slice, ...]:
+        """The selection that reads exactly one chunk."""
+        return tuple(
+            slice(i * c, min((i + 1) * c, s))
+            for i, c, s in zip(coords, self.chunks, self.shape, strict=True)
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest keeps of this array."""
+        return {
+            "shape": list(self.shape),
+            "chunks": list(self.chunks),
+            "n_chunks": self.n_chunks,
+            "checksum": self.checksum,
+        }
+
+
+def _array_metadata(group: Path, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Parsed ``zarr.json`` of every array below ``group`` (sub-groups included)."""
+    found: dict[str, dict[str, Any]] = {}
+    for name in _child_dirs(group):
+        meta_path = group / name / "zarr.json"
+        if not meta_path.is_file():
+            continue
+        meta = _parse_metadata(meta_path, f" (variable {prefix + name!r})")
+        if meta["node_type"] == "array":
+            found[prefix + name] = meta
+        else:
+            found.update(_array_metadata(group / name, f"{prefix}{name}/"))
+    return found
+
+
+def array_grids(group: str | os.PathLike) -> dict[str, ArrayGrid]:
+    """The chunk grid of every array below ``group`` (sub-groups included), from its
+    metadata; arrays whose grid dkm cannot enumerate are left out."""
+    grids = {}
+    for name, meta in _array_metadata(Path(group)).items():
+        grid = ArrayGrid.from_metadata(name, meta)
+        if grid is not None:
+            grids[name] = grid
+    return grids
+
+
+def chunk_manifest(group: str | os.PathLike) -> dict[str, Any]:
+    """The ``dkm_manifest`` of a group just written: every array below it and its chunk grid.
+
+    ``{"version": 1, "arrays": {name: {"shape", "chunks", "n_chunks", "checksum"}}}``; array
+    names are paths inside the group (``"history/inertia"`` for a sub-group's array).
+    """
+    arrays = {name: grid.record() for name, grid in array_grids(group).items()}
+    return {"version": MANIFEST_VERSION, "arrays": arrays}
+
+
+def manifest_grids(
+    group: str | os.PathLike, manifest: Mapping[str, Any]
+) -> tuple[dict[str, ArrayGrid], list[str]]:
+    """The grids a manifest records, as the arrays' metadata names their chunks.
+
+    Returns
+    -------
+    grids : dict
+        ``{name: ArrayGrid}`` of the arrays whose metadata agrees with the manifest.
+    problems : list of str
+        One per array that is gone or whose grid changed, e.g. ``"array 'images' is
+        missing (the manifest records it)"``.
+    """
+    group = Path(group)
+    grids: dict[str, ArrayGrid] = {}
+    problems: list[str] = []
+    for name, rec in sorted((manifest.get("arrays") or {}).items()):
+        meta_path = group / name / "zarr.json"
+        if not meta_path.is_file():
+            problems.append(f"array {name!r} is missing (its metadata {meta_path} is gone)")
+            continue
+        try:
+            meta = _parse_metadata(meta_path, f" (variable {name!r})")
+        except StoreError as err:
+            problems.append(err.problem)
+            continue
+        grid = ArrayGrid.from_metadata(name, meta)
+        if grid is None or [list(grid.shape), list(grid.chunks)] != [
+            list(rec.get("shape", [])),
+            list(rec.get("chunks", [])),
+        ]:
+            problems.append(
+                f"array {name!r} has shape {list(meta.get('shape', []))} in chunks other than "
+                f"the manifest's {rec.get('shape')} in chunks {rec.get('chunks')}"
+            )
+            continue
+        grids[name] = grid
+    return grids, problems
+
+
+def _chunk_files(array_dir: Path) -> dict[str, int]:
+    """``{key: size in bytes}`` of every file below an array directory but its zarr.json."""
+    found: dict[str, int] = {}
+
+    def walk(directory: Path, prefix: str) -> None:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return
+        for entry in entries:
+            key = prefix + entry.name
+            if entry.is_dir(follow_symlinks=True):
+                walk(Path(entry.path), key + "/")
+            elif key != "zarr.json" and not entry.name.startswith("."):
+                try:
+                    found[key] = entry.stat(follow_symlinks=True).st_size
+                except OSError:
+                    found[key] = 0
+
+    walk(array_dir, "")
+    return found
+
+
+def _count(n: int, total: int) -> str:
+    return f"({n} of {total} chunk{'' if total == 1 else 's'})"
+
+
+def _keys_text(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def missing_chunks(group: Path, grid: ArrayGrid) -> tuple[list[str], list[str]]:
+    """Keys of the chunks of ``grid`` with no file, and of those whose file is empty."""
+    files = _chunk_files(group / grid.name)
+    missing, empty = [], []
+    for _, key in grid.keys():
+        size = files.get(key)
+        if size is None:
+            missing.append(key)
+        elif size == 0:
+            empty.append(key)
+    return missing, empty
+
+
+def chunk_problems(group: str | os.PathLike, manifest: Mapping[str, Any] | None) -> list[str]:
+    """What a directory listing shows is wrong with the chunks a manifest records.
+
+    One entry per damaged array, e.g. ``"array 'images' is missing chunk c/3/0/0 (1 of 7
+    chunks)"``; empty when every chunk file is there and not empty, or when there is no
+    manifest (a store written before dkm kept one: nothing to check against).
+    """
+    if not manifest:
+        return []
+    group = Path(group)
+    grids, problems = manifest_grids(group, manifest)
+    for name, grid in grids.items():
+        missing, empty = missing_chunks(group, grid)
+        what = []
+        if missing:
+            word = "chunk" if len(missing) == 1 else "chunks"
+            what.append(f"is missing {word} {_keys_text(missing)}")
+        if empty:
+            word = "an empty chunk file" if len(empty) == 1 else "empty chunk files"
+            what.append(f"has {word} {_keys_text(empty)}")
+        if what:
+            bad = len(missing) + len(empty)
+            problems.append(f"array {name!r} {' and '.join(what)} {_count(bad, grid.n_chunks)}")
+    return problems
+
+
+def check_chunks(path: str | os.PathLike, attrs: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`StoreError` when a chunk file the store's manifest records is missing
+    or empty: ``PATH: array 'images' is missing chunk c/3/0/0 (1 of 7 chunks); the store is
+    damaged``. A store without a manifest passes (there is nothing to check against).
+
+    Parameters
+    ----------
+    path : path-like
+        A dataset, patches or features store.
+    attrs : mapping, optional
+        Its root attrs when already read.
+    """
+    path = Path(path)
+    attrs = read_attrs(path) if attrs is None else attrs
+    problems = chunk_problems(path, attrs.get(MANIFEST_ATTR))
+    if problems:
+        raise StoreError(f"{path}: {'; '.join(problems)}; {_DAMAGED}")
+
+
+def update_root_attrs(path: str | os.PathLike, attrs: Mapping[str, Any]) -> None:
+    """Merge ``attrs`` into a store's root attrs, replacing ``zarr.json`` atomically.
+
+    Everything else in the metadata (consolidated metadata included) is kept as it is.
+    """
+    path = Path(path)
+    meta = _root_metadata(path)
+    meta["attributes"] = {**meta.get("attributes", {}), **attrs}
+    tmp = path / f".zarr.json.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, path / "zarr.json")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------- what is there
 
 
@@ -459,8 +812,10 @@ def probe(path: str | os.PathLike) -> StoreState | None:
         return StoreState(path, kind, False, None, what)
     try:
         check_variables(path)
+        check_chunks(path, attrs)
     except StoreError as err:
-        what = f"is a damaged {kind} store ({_inner(err.problem, path)})"
+        inner = _inner(err.problem, path).removesuffix(f"; {_DAMAGED}")
+        what = f"is a damaged {kind} store ({inner})"
         return StoreState(path, kind, False, err.problem, what)
     return StoreState(path, kind, True, None, f"is a complete {kind} store")
 
@@ -511,7 +866,10 @@ def write_atomic(
         One of :data:`KINDS`. Default (for older callers): ``"patches"`` when ``ds`` has a
         ``patches`` variable, ``"dataset"`` when it has ``images`` or ``features``.
     encoding : mapping, optional
-        Per-variable Zarr encoding (``chunks``, ``shards``, ``compressors``...).
+        Per-variable Zarr encoding (``chunks``, ``shards``, ``compressors``...). Every
+        variable is written with a CRC32C checksum and all of its chunks
+        (:func:`checksum_encoding`), and the store's ``dkm_manifest`` records each array's
+        chunk grid.
     overwrite : bool, default False
         Replace an existing store of the same ``kind`` (complete, incomplete or damaged) or an
         empty directory. Anything else in the way (a store of another kind, a results store,
@@ -537,23 +895,46 @@ def write_atomic(
         raise StoreError(f"{path}: {state.what}, which dkm never replaces with a {kind} store")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    ds = ds.copy(deep=False)
+    ds, encoding = with_checksums(ds, encoding)
     ds.attrs = {k: v for k, v in ds.attrs.items() if k not in _MARKS}
     try:
-        ds.to_zarr(
-            str(tmp), mode="w-", consolidated=False, encoding=dict(encoding or {}), zarr_format=3
-        )
+        ds.to_zarr(str(tmp), mode="w-", consolidated=False, encoding=encoding, zarr_format=3)
         # All marks in one metadata write, after the data: a store is never marked complete
         # (or given an identity) before everything it holds is on disk.
-        marks = {**store_marks(kind), STATUS_ATTR: _COMPLETE}
+        marks = {
+            **store_marks(kind),
+            MANIFEST_ATTR: chunk_manifest(tmp),
+            STATUS_ATTR: _COMPLETE,
+        }
         zarr.open_group(str(tmp), mode="r+").attrs.update(marks)
         _consolidate_quietly(tmp)
         _replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     log.debug("wrote %s store %s", kind, path)
     return path
+
+
+def _discard(tmp: Path, quiet: float = 0.25, limit: float = 10.0) -> None:
+    """Remove a failed write's temporary store until it stays gone.
+
+    Dask does not stop the tasks already running when one fails: they go on writing their
+    chunks (every chunk is written, see :func:`checksum_encoding`) and recreate the
+    directory, so it is removed again until nothing has reappeared for ``quiet`` seconds.
+    """
+    deadline = time.monotonic() + limit
+    gone_since = None
+    while True:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            gone_since = None
+        now = time.monotonic()
+        if gone_since is None:
+            gone_since = now
+        elif now - gone_since >= quiet or now >= deadline:
+            return
+        time.sleep(0.02)
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -573,10 +954,13 @@ def _replace(tmp: Path, path: Path) -> None:
 # ----------------------------------------------------------------------------- opening
 
 
-def require_complete(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+def require_complete(
+    path: str | os.PathLike, kind: str | None = None, *, chunks: bool = True
+) -> dict[str, Any]:
     """Check that ``path`` is a complete, intact dataset, patches or features store.
 
-    Reads metadata only: the root ``zarr.json`` and every variable's.
+    Reads metadata only: the root ``zarr.json`` and every variable's, and lists the chunk
+    files of every array its ``dkm_manifest`` records (none may be missing or empty).
 
     Parameters
     ----------
@@ -584,6 +968,8 @@ def require_complete(path: str | os.PathLike, kind: str | None = None) -> dict[s
         The store directory.
     kind : str, optional
         The kind it must be (one of :data:`KINDS` but ``"results"``); any but results if None.
+    chunks : bool, default True
+        Also check that every chunk file the manifest records is there (:func:`check_chunks`).
 
     Returns
     -------
@@ -594,8 +980,8 @@ def require_complete(path: str | os.PathLike, kind: str | None = None) -> dict[s
     ------
     StoreError
         The path does not exist, is not a Zarr v3 store, has damaged metadata (root or any
-        variable's, named), was not written by dkm, is a results store or another kind, or
-        was never completed.
+        variable's, named), was not written by dkm, is a results store or another kind, was
+        never completed, or misses chunk files (store, array and chunk named).
     """
     if kind is not None and (kind == "results" or kind not in KINDS):
         raise ValueError(f"kind must be one of dataset, patches, features, got {kind!r}")
@@ -617,6 +1003,8 @@ def require_complete(path: str | os.PathLike, kind: str | None = None) -> dict[s
             remedy="write it again",
         )
     check_variables(path)
+    if chunks:
+        check_chunks(path, attrs)
     return attrs
 
 
@@ -634,8 +1022,11 @@ def open_dataset(path: str | os.PathLike, *, chunks: Any = None) -> xr.Dataset:
     ------
     StoreError
         The path does not exist, is not a Zarr v3 store, has damaged metadata (root or any
-        variable's, named), was not written by dkm, is a results store, or was never
-        completed.
+        variable's, named), was not written by dkm, is a results store, was never completed,
+        or a chunk file its manifest records is missing or empty, e.g. ``data/x.zarr: array
+        'images' is missing chunk c/3/0/0 (1 of 7 chunks); the store is damaged``. A chunk
+        whose bytes changed is found only by reading it: see
+        :func:`dkm.data.integrity.verify_store`.
     """
     path = Path(path)
     require_complete(path)

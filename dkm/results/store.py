@@ -16,15 +16,26 @@ One Zarr v3 store per job::
 Every group is stamped ``status: complete`` only after all of its data is written; readers
 trust nothing else. This class is the only code that reads or writes a results store; the
 whole store also opens with ``xarray.open_datatree(STORE, engine="zarr")``.
+
+Every array is written with a CRC32C checksum and all of its chunks
+(:func:`dkm.data.store.checksum_encoding`); a run (the sweep, a checkpoint) is stamped complete
+together with its ``dkm_manifest`` (the chunk grid of each of its arrays, history included)
+and a fresh ``dkm_write_id``. :meth:`ResultsStore.runs` lists each complete run's chunk files
+against its manifest (a missing one makes the run ``damaged``); :meth:`ResultsStore.verify_run`
+reads a run back whole; :meth:`ResultsStore.verify` (``dkm verify``,
+:func:`dkm.data.integrity.verify_store`) reads every complete run and stamps each
+``dkm_verified = <its dkm_write_id>``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +46,38 @@ import xarray as xr
 import zarr
 
 from dkm._parallel.base import FitState
-from dkm.data.store import KIND_ATTR, StoreError, probe, read_attrs, store_marks
+from dkm.data.integrity import (
+    GroupPlan,
+    VerifyReport,
+    damage_message,
+    plan_group,
+    read_groups,
+    register_verifier,
+)
+from dkm.data.store import (
+    KIND_ATTR,
+    MANIFEST_ATTR,
+    VERIFIED_ATTR,
+    WRITE_ID_ATTR,
+    StoreError,
+    chunk_manifest,
+    chunk_problems,
+    probe,
+    read_attrs,
+    store_marks,
+    with_checksums,
+)
 from dkm.results.attrs import COMPLETE, FAILED, INTERRUPTED, RUNNING, jsonable
 from dkm.results.checkpoints import read_state, write_state
 
 __all__ = ["ResultsStore", "RunInfo", "run_name"]
 
 KIND = "results"
+DAMAGED = "damaged"
+# Marks of one write of a group: never carried over into another write.
+_GROUP_MARKS = (MANIFEST_ATTR, WRITE_ID_ATTR, VERIFIED_ATTR)
+
+log = logging.getLogger("dkm")
 
 
 def run_name(algorithm: str, k: int) -> str:
@@ -54,7 +90,10 @@ class RunInfo:
     """One run group as listed by :meth:`ResultsStore.runs`.
 
     ``status`` is "complete", "failed", "writing" (interrupted while being written) or
-    "damaged" (its metadata or an array it records is missing or unreadable: ``problem``).
+    "damaged" (its metadata, an array it records or a chunk file of its manifest is missing
+    or unreadable: ``problem``, e.g. ``STORE: run 'lloyd-k8': array 'centroids' is missing
+    chunk c/0/0 (1 of 1 chunk)``). Chunks whose bytes changed are found only by reading
+    them: :meth:`ResultsStore.verify_run`.
     """
 
     name: str
@@ -182,7 +221,7 @@ class ResultsStore:
         try:
             attrs = _read_json(group / "zarr.json").get("attributes", {})
         except StoreError as err:
-            return RunInfo(group.name, "damaged", problem=str(err))
+            return RunInfo(group.name, DAMAGED, problem=str(err))
         status = attrs.get("status", "writing")
         info = RunInfo(group.name, status, attrs)
         if status == COMPLETE:
@@ -192,13 +231,73 @@ class ResultsStore:
                 try:
                     _read_json(meta)
                 except StoreError as err:
-                    info.status, info.problem = "damaged", str(err)
-                    break
+                    info.status, info.problem = DAMAGED, str(err)
+                    return info
+            # ... and every chunk file of them (runs written before manifests: unchecked).
+            try:
+                problems = chunk_problems(group, attrs.get(MANIFEST_ATTR))
+            except StoreError as err:
+                problems = [err.problem]
+            if problems:
+                info.status = DAMAGED
+                info.problem = f"{self.path}: run {group.name!r}: {'; '.join(problems)}"
         return info
 
     def run_info(self, name: str) -> RunInfo | None:
+        """The run ``name`` as :meth:`runs` lists it, or None when there is no such run."""
         group = self.path / "runs" / name
         return self._run_info(group) if group.is_dir() else None
+
+    def verify_run(self, name: str) -> str | None:
+        """Read a run's arrays back whole (checksums checked); what is wrong, or None.
+
+        Call it before reusing a run: a run that says complete but does not read back
+        (``damaged``) should be computed again. The arrays (centroids, x_mean, labels,
+        history) are read here, chunk by chunk.
+
+        Returns
+        -------
+        str or None
+            None when the run is complete and every chunk reads back intact; otherwise the
+            problem, e.g. ``STORE: run 'lloyd-k8': array 'centroids' chunk c/0/0 is damaged
+            (CRC32C checksum mismatch)``, or why the run is not complete.
+
+        Raises
+        ------
+        StoreError
+            There is no run ``name``.
+        """
+        info = self.run_info(name)
+        if info is None:
+            raise StoreError(f"{self.path}: no run {name!r}")
+        if info.status != COMPLETE:
+            if info.problem:
+                return info.problem
+            error = info.attrs.get("error")
+            return f"{self.path}: run {name!r} is {info.status}" + (f": {error}" if error else "")
+        try:
+            self._read_back(name, info.attrs)
+        except StoreError as err:
+            return err.problem
+        return None
+
+    def _read_back(self, name: str, attrs: dict[str, Any]) -> GroupPlan:
+        """Read every chunk of a run here; StoreError naming the first damaged ones."""
+        plan = plan_group(self.path / "runs" / name, attrs.get(MANIFEST_ATTR))
+        (damaged,) = read_groups([plan], parallel=False)
+        problems = plan.problems + [d.describe() for d in damaged]
+        if problems:
+            raise StoreError(damage_message(f"{self.path}: run {name!r}", problems))
+        return plan
+
+    def _named_read_error(self, name: str, attrs: dict[str, Any], what: str, err: Exception):
+        """A StoreError for a failed read of a run's ``what``, naming the chunk if it can."""
+        try:
+            self._read_back(name, attrs)
+        except StoreError as named:
+            return named
+        reason = " ".join(str(err).split()) or type(err).__name__
+        return StoreError(f"{self.path}: run {name!r}: {what} is damaged ({reason[:160]})")
 
     def completed_runs(self) -> set[str]:
         """Names of the runs whose data is entirely written."""
@@ -213,19 +312,46 @@ class ResultsStore:
     ) -> None:
         """Write one finished run (replacing an earlier attempt); complete only at the end.
 
-        ``variables`` maps names to ``(dims, values)`` (numpy or dask arrays).
+        ``variables`` maps names to ``(dims, values)`` (numpy or dask arrays). Every array
+        is checksummed; the run is stamped complete with its manifest and a write id.
         """
         group = f"runs/{name}"
         shutil.rmtree(self.path / group, ignore_errors=True)
         ds = xr.Dataset(
             variables,
-            attrs=jsonable({**attrs, "variables": sorted(variables), "status": "writing"}),
+            attrs=jsonable(
+                {
+                    **{k: v for k, v in attrs.items() if k not in _GROUP_MARKS},
+                    "variables": sorted(variables),
+                    "status": "writing",
+                }
+            ),
         )
-        ds.to_zarr(str(self.path), group=group, mode="w", consolidated=False, zarr_format=3)
+        self._to_zarr(ds, group, mode="w")
         history = history.copy()
         history.attrs = jsonable(history.attrs)
-        history.to_zarr(str(self.path), group=f"{group}/history", mode="w", consolidated=False)
-        self._update_attrs({"status": COMPLETE}, group)
+        self._to_zarr(history, f"{group}/history", mode="w")
+        self._stamp_complete(group)
+
+    def _to_zarr(self, ds: xr.Dataset, group: str, mode: str) -> None:
+        ds, encoding = with_checksums(ds)
+        ds.to_zarr(
+            str(self.path),
+            group=group,
+            mode=mode,
+            consolidated=False,
+            zarr_format=3,
+            encoding=encoding,
+        )
+
+    def _stamp_complete(self, group: str, attrs: dict[str, Any] | None = None) -> None:
+        # Status, manifest and write id in one metadata write, after all the data.
+        marks = {
+            MANIFEST_ATTR: chunk_manifest(self.path / group),
+            WRITE_ID_ATTR: uuid.uuid4().hex,
+            "status": COMPLETE,
+        }
+        self._update_attrs({**(attrs or {}), **marks}, group)
 
     def write_failed_run(self, name: str, attrs: dict[str, Any], error: str) -> None:
         """Record that a run failed and why (replacing an earlier attempt)."""
@@ -249,12 +375,21 @@ class ResultsStore:
         """
         group = f"runs/{name}"
         current = dict(self.run_info(name).attrs)
-        if variables:
-            current["variables"] = sorted({*current.get("variables", []), *variables})
-            # xarray's mode="a" replaces the group's attrs with the Dataset's: carry them.
-            ds = xr.Dataset(variables, attrs=jsonable({**current, "status": "writing"}))
-            ds.to_zarr(str(self.path), group=group, mode="a", consolidated=False, zarr_format=3)
-        self._update_attrs({**current, **(attrs or {}), "status": COMPLETE}, group)
+        if not variables:
+            self._update_attrs({**current, **(attrs or {}), "status": COMPLETE}, group)
+            return
+        current["variables"] = sorted({*current.get("variables", []), *variables})
+        # xarray's mode="a" replaces the group's attrs with the Dataset's: carry them (but
+        # the marks of the previous write: a new manifest and write id come at the end).
+        kept = {k: v for k, v in current.items() if k not in _GROUP_MARKS}
+        ds = xr.Dataset(variables, attrs=jsonable({**kept, "status": "writing"}))
+        # An array given again is written anew: appending to it would keep its old
+        # encoding, which may drop chunks equal to the fill value (read back as damage).
+        self._update_attrs({"status": "writing"}, group)
+        for var in variables:
+            shutil.rmtree(self.path / group / var, ignore_errors=True)
+        self._to_zarr(ds, group, mode="a")
+        self._stamp_complete(group, attrs)
 
     def read_run(self, name: str) -> xr.Dataset:
         """A complete run's arrays with its attrs.
@@ -271,15 +406,30 @@ class ResultsStore:
             detail = f": {info.problem or info.attrs.get('error', '')}".rstrip(": ")
             raise StoreError(f"{self.path}: run {name!r} is {info.status}{detail}")
         try:
-            return xr.open_zarr(str(self.path), group=f"runs/{name}", consolidated=False)
+            ds = xr.open_zarr(str(self.path), group=f"runs/{name}", consolidated=False)
         except Exception as err:  # zarr and xarray raise many kinds on damaged metadata
             raise StoreError(f"{self.path}/runs/{name}: damaged ({err})") from err
+        # The model's arrays are small: read them now, so damage is a StoreError naming the
+        # chunk rather than a bare codec error later. Labels (one per sample) stay lazy.
+        for var in [v for v in ds.data_vars if v != "labels"]:
+            try:
+                ds.variables[var].load()
+            except Exception as err:
+                raise self._named_read_error(name, info.attrs, f"array {var!r}", err) from err
+        return ds
 
     def read_history(self, name: str) -> xr.Dataset:
+        """A run's per-iteration record, read into memory."""
         try:
-            return xr.open_zarr(str(self.path), group=f"runs/{name}/history", consolidated=False)
+            history = xr.open_zarr(str(self.path), group=f"runs/{name}/history", consolidated=False)
         except Exception as err:
             raise StoreError(f"{self.path}/runs/{name}/history: damaged ({err})") from err
+        try:
+            return history.load()
+        except Exception as err:
+            info = self.run_info(name)
+            attrs = info.attrs if info is not None else {}
+            raise self._named_read_error(name, attrs, "its history", err) from err
 
     # ------------------------------------------------------------------ checkpoints
     def write_checkpoint(self, name: str, state: FitState, run_id: str | None = None) -> None:
@@ -310,12 +460,18 @@ class ResultsStore:
         return found
 
     def read_checkpoint(self, name: str, run_id: str | None = None) -> FitState | None:
-        """The latest complete checkpoint of a run (of the run ``run_id`` when given)."""
+        """The latest complete checkpoint of a run (of the run ``run_id`` when given).
+
+        A damaged slot (a missing chunk file, a checksum mismatch) is skipped with a warning
+        for the other slot, or None: the run then starts from an older state or afresh.
+        """
         slots = {i: v for i, v in self._slots(name).items() if run_id is None or v[1] == run_id}
-        if not slots:
-            return None
-        best = max(slots, key=lambda i: slots[i][0])
-        return read_state(self.path, f"checkpoints/{name}/slot-{best}")
+        for slot in sorted(slots, key=lambda i: slots[i][0], reverse=True):
+            try:
+                return read_state(self.path, f"checkpoints/{name}/slot-{slot}")
+            except StoreError as err:
+                log.warning("%s: checkpoint not used: %s", name, err)
+        return None
 
     def drop_checkpoints(self, name: str) -> None:
         shutil.rmtree(self.path / f"checkpoints/{name}", ignore_errors=True)
@@ -324,21 +480,121 @@ class ResultsStore:
     def write_sweep(self, sweep: xr.Dataset) -> None:
         """Write the metrics-over-k table (replacing an earlier one)."""
         sweep = sweep.copy()
-        sweep.attrs = jsonable({**sweep.attrs, "status": "writing"})
-        sweep.to_zarr(str(self.path), group="sweep", mode="w", consolidated=False)
-        self._update_attrs({"status": COMPLETE}, "sweep")
+        attrs = {k: v for k, v in sweep.attrs.items() if k not in _GROUP_MARKS}
+        sweep.attrs = jsonable({**attrs, "status": "writing"})
+        self._to_zarr(sweep, "sweep", mode="w")
+        self._stamp_complete("sweep")
 
     def read_sweep(self) -> xr.Dataset | None:
         """The metrics-over-k table, or None when the store has none (yet)."""
         meta = self.path / "sweep" / "zarr.json"
         if not meta.is_file():
             return None
-        if _read_json(meta).get("attributes", {}).get("status") != COMPLETE:
+        attrs = _read_json(meta).get("attributes", {})
+        if attrs.get("status") != COMPLETE:
             return None
+        problems = chunk_problems(self.path / "sweep", attrs.get(MANIFEST_ATTR))
+        if problems:
+            raise StoreError(f"{self.path}: sweep: {'; '.join(problems)}")
         try:
             return xr.open_zarr(str(self.path), group="sweep", consolidated=False).load()
         except Exception as err:
+            plan = plan_group(self.path / "sweep", attrs.get(MANIFEST_ATTR))
+            (damaged,) = read_groups([plan], parallel=False)
+            if damaged:
+                items = [d.describe() for d in damaged]
+                raise StoreError(damage_message(f"{self.path}: sweep", items)) from err
             raise StoreError(f"{self.path}/sweep: damaged ({err})") from err
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, *, client: Any = None) -> VerifyReport:
+        """Read every chunk of every complete run (and of the sweep) back, on the cluster.
+
+        On success each of them is stamped ``dkm_verified = <its dkm_write_id>``
+        (:meth:`is_verified`). This is what :func:`dkm.data.integrity.verify_store` and
+        ``dkm verify`` do with a results store.
+
+        Parameters
+        ----------
+        client : distributed.Client, optional
+            Where the reads run; default: the active Dask scheduler.
+
+        Raises
+        ------
+        StoreError
+            A damaged run or sweep, every damaged chunk named (ten at most), e.g.
+            ``STORE: run 'lloyd-k8': array 'centroids' chunk c/0/0 is damaged (CRC32C
+            checksum mismatch); the store is damaged``.
+        """
+        problems, plans = [], []
+        runs = self.runs()
+        for r in runs:
+            if r.status == DAMAGED:
+                problems.append(r.problem.removeprefix(f"{self.path}: "))
+            elif r.status == COMPLETE:
+                group = f"runs/{r.name}"
+                manifest = r.attrs.get(MANIFEST_ATTR)
+                plans.append((group, f"run {r.name!r}", plan_group(self.path / group, manifest)))
+        sweep_meta = self.path / "sweep" / "zarr.json"
+        if sweep_meta.is_file():
+            try:
+                attrs = _read_json(sweep_meta).get("attributes", {})
+            except StoreError as err:
+                problems.append(err.problem)
+            else:
+                if attrs.get("status") == COMPLETE:
+                    plan = plan_group(self.path / "sweep", attrs.get(MANIFEST_ATTR))
+                    plans.append(("sweep", "sweep", plan))
+        found = read_groups([plan for *_, plan in plans], client=client)
+        for (_, label, plan), damaged in zip(plans, found, strict=True):
+            items = [*plan.problems, *(d.describe() for d in damaged)]
+            problems += [f"{label}: {item}" for item in items]
+        if problems:
+            raise StoreError(damage_message(str(self.path), problems, "the store is damaged"))
+        for group, _, _ in plans:
+            self._stamp_verified(group)
+        return VerifyReport(
+            self.path,
+            KIND,
+            arrays=sum(len(plan.grids) for *_, plan in plans),
+            chunks=sum(plan.n_chunks for *_, plan in plans),
+            checksummed=all(plan.checksummed for *_, plan in plans),
+            runs=sum(r.status == COMPLETE for r in runs),
+        )
+
+    def _stamp_verified(self, group: str) -> None:
+        try:
+            attrs = _read_json(self.path / group / "zarr.json").get("attributes", {})
+        except StoreError:
+            return
+        write_id = attrs.get(WRITE_ID_ATTR)
+        if isinstance(write_id, str) and write_id and attrs.get(VERIFIED_ATTR) != write_id:
+            self._update_attrs({VERIFIED_ATTR: write_id}, group)
+
+    def is_verified(self) -> bool:
+        """Whether every complete run and the sweep were read back whole (:meth:`verify`)
+        since they were last written. False when a run is damaged, or was written before
+        runs had a write id."""
+        groups = []
+        for r in self.runs():
+            if r.status == DAMAGED:
+                return False
+            if r.status == COMPLETE:
+                groups.append(r.attrs)
+        sweep_meta = self.path / "sweep" / "zarr.json"
+        if sweep_meta.is_file():
+            try:
+                attrs = _read_json(sweep_meta).get("attributes", {})
+            except StoreError:
+                return False
+            if attrs.get("status") == COMPLETE:
+                groups.append(attrs)
+        return all(
+            isinstance(a.get(WRITE_ID_ATTR), str)
+            and bool(a.get(WRITE_ID_ATTR))
+            and a.get(VERIFIED_ATTR) == a.get(WRITE_ID_ATTR)
+            for a in groups
+        )
 
     def open_tree(self) -> xr.DataTree:
         """The whole store as a DataTree (what plain xarray users would open)."""
@@ -358,3 +614,14 @@ def as_variables(**arrays: Any) -> dict[str, tuple[tuple[str, ...], Any]]:
         name: (dims[name], np.asarray(v) if isinstance(v, list) else v)
         for name, v in arrays.items()
     }
+
+
+def _verify(path: Path, *, client: Any = None) -> VerifyReport:
+    return ResultsStore(path).verify(client=client)
+
+
+def _is_verified(path: Path) -> bool:
+    return ResultsStore(path).is_verified()
+
+
+register_verifier(KIND, _verify, _is_verified)
