@@ -400,3 +400,26 @@ def test_consolidated_metadata_lists_every_variable(tmp_path):
     store = write_atomic(images_ds(), tmp_path / "d.zarr", kind="dataset")
     meta = json.loads((store / "zarr.json").read_bytes())
     assert sorted(meta["consolidated_metadata"]["metadata"]) == ["images", "label", "split"]
+
+
+def test_a_dead_writers_temporary_store_is_removed_by_the_next_write(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    host = socket.gethostname().replace("-", "_")
+    stale = tmp_path / f".d.zarr.tmp-{host}-{dead}-0a1b2c3d"
+    live = tmp_path / f".d.zarr.tmp-{host}-{os.getpid()}-0a1b2c3d"
+    other_host = tmp_path / f".d.zarr.tmp-elsewhere-{dead}-0a1b2c3d"
+    for folder in (stale, live, other_host):
+        (folder / "images").mkdir(parents=True)
+    write_atomic(images_ds(), tmp_path / "d.zarr", kind="dataset")
+    assert not stale.exists()
+    assert live.exists() and other_host.exists()

@@ -31,6 +31,7 @@ verb) re-raise with their own remedy, such as "set data.store to another path".
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import itertools
 import json
@@ -38,6 +39,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 import uuid
 import warnings
@@ -894,7 +896,9 @@ def write_atomic(
     if state is not None and not state.replaceable_by(kind):
         raise StoreError(f"{path}: {state.what}, which dkm never replaces with a {kind} store")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _remove_dead_temporaries(path)
+    host = socket.gethostname().replace("-", "_")
+    tmp = path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     ds, encoding = with_checksums(ds, encoding)
     ds.attrs = {k: v for k, v in ds.attrs.items() if k not in _MARKS}
     try:
@@ -914,6 +918,33 @@ def write_atomic(
         raise
     log.debug("wrote %s store %s", kind, path)
     return path
+
+
+def _remove_dead_temporaries(path: Path) -> None:
+    """Remove the temporary stores of earlier writers of ``path`` that died on this host.
+
+    A writer killed mid-write (SIGKILL, a lost machine) cannot clean up after itself; its
+    temporary folder is named after its host and pid, so the next writer can tell it is
+    dead. Folders of live writers, of other hosts, or of dkm versions before the host and
+    pid were in the name are left alone.
+    """
+    host = socket.gethostname().replace("-", "_")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-{glob.escape(host)}-*-*"):
+        pid = tmp.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            log.info("%s: removing the temporary store of a dead writer (pid %s)", tmp, pid)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _discard(tmp: Path, quiet: float = 0.25, limit: float = 10.0) -> None:

@@ -63,6 +63,7 @@ from dkm.data.store import (
     chunk_manifest,
     chunk_problems,
     probe,
+    process_alive,
     read_attrs,
     store_marks,
     with_checksums,
@@ -123,16 +124,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path}: damaged metadata ({type(err).__name__}: {err})") from None
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 class ResultsStore:
     """Read and write one job's results store.
 
@@ -191,7 +182,7 @@ class ResultsStore:
             status == RUNNING
             and owner.get("host") == socket.gethostname()
             and isinstance(owner.get("pid"), int)
-            and not _process_alive(owner["pid"])
+            and not process_alive(owner["pid"])
         ):
             return f"{INTERRUPTED} (process {owner['pid']} is gone)"
         return status
