@@ -119,7 +119,7 @@ Rules = Mapping[str, Sequence[Rule]]
 def _dtype_name(value: Any) -> str | None:
     try:
         return np.dtype(value).name
-    except TypeError:
+    except Exception:  # numpy raises TypeError, ValueError or others for odd values
         return None
 
 

@@ -149,6 +149,11 @@ def ingest(
         opts.update(grayscale=grayscale, size=_parse_size(resize))
     if no_verify:
         opts["verify"] = False
+    found = catalog.check_options(name, opts)  # before any cluster starts
+    if found:
+        raise ValueError(
+            f"dataset {name!r}: " + "; ".join(f"-o {key}: {message}" for key, message in found)
+        )
     reused = is_complete(store) and not overwrite
     try:
         if name == "synthetic" and not reused:  # generated chunk by chunk on the workers
@@ -342,6 +347,11 @@ def _show(path: Path) -> None:
     if not runs:
         click.echo("no runs")
         return
+    for r in runs:
+        if r.status == "complete":
+            problem = results.verify_run(r.name, labels=False)
+            if problem is not None:
+                r.status, r.problem = "damaged", problem
     metric_names = sorted({m for r in runs for m in r.attrs.get("metrics", {})})
     header = ["run", "k", "status", "iter", *metric_names, "seconds"]
     rows, notes = [], []
@@ -370,10 +380,14 @@ def _show(path: Path) -> None:
     if sweep is not None:
         knee = int(sweep.attrs.get("elbow_k", -1))
         click.echo(f"elbow: k={knee}" if knee > 0 else "elbow: none found")
-    damaged = [r.name for r in runs if r.status == "damaged"]
+    damaged = [r for r in runs if r.status == "damaged"]
     if damaged:
+        detail = "; ".join(
+            f"{r.name} ({r.problem.removeprefix(f'{path}: ').removeprefix(f'run {r.name!r}: ')})"
+            for r in damaged
+        )
         raise StoreError(
-            f"{path}: {len(damaged)} damaged run(s): {', '.join(damaged)}",
+            f"{path}: {len(damaged)} damaged run(s): {detail}",
             remedy="run the job again to compute them anew",
         )
 

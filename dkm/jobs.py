@@ -286,7 +286,7 @@ def _model(found: _Problems, raw: Any) -> dict[str, Any]:
         found.add("model", f"expected a mapping, got {type(raw).__name__}")
         return {}
     name = raw.get("algorithm", "lloyd")
-    if name not in algorithms.ALGORITHMS:
+    if not isinstance(name, str) or name not in algorithms.ALGORITHMS:
         found.add(
             "model.algorithm",
             f"must be {describe([Options(*algorithms.ALGORITHMS)])}, got {short_repr(name)}",

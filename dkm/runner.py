@@ -29,7 +29,7 @@ from dkm import config, evaluate
 from dkm._parallel.base import FitState
 from dkm.data import catalog
 from dkm.data.integrity import verify_once
-from dkm.data.locks import StoreLocked, store_lock
+from dkm.data.locks import StoreLocked, StoreUnwritable, store_lock
 from dkm.data.store import StoreError, probe
 from dkm.features import Features, build_features, features_identity
 from dkm.jobs import JobSpec, JobSpecError, check_against_data
@@ -455,6 +455,8 @@ def run_job(
         raise JobSpecError(
             [("output.store", f"{err}; wait for it to finish, or stop it and run again")], "job"
         ) from None
+    except StoreUnwritable as err:
+        raise JobSpecError([("output.store", f"{err}; choose another path")], "job") from None
 
 
 def _run_locked(spec, scheduler, fresh, resume, performance_report) -> JobOutcome:

@@ -132,16 +132,8 @@ def connect(
     """
     address = resolve_address(address, job_address)
     timeout = config.get_seconds("scheduler.timeout") if timeout is None else timeout
-    if (
-        address
-        and address.startswith("tls://")
-        and not dask.config.get("distributed.comm.tls.ca-file", None)
-    ):
-        raise SchedulerUnreachable(
-            f"{address} is a TLS address but dask has no TLS configuration: set "
-            "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and .client.key "
-            "(e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE=...)"
-        )
+    if address and address.startswith("tls://"):
+        _check_tls_config(address)
     with _ctrl_c_handled():
         if address:
             check_scheduler(address, timeout)
@@ -202,6 +194,24 @@ async def _identity(address: str, timeout: float) -> Any:
         return await asyncio.wait_for(comm.read(), timeout)
     finally:
         comm.abort()
+
+
+def _check_tls_config(address: str) -> None:
+    """dask's TLS settings must exist before a tls:// address can be tried."""
+    if not dask.config.get("distributed.comm.tls.ca-file", None):
+        raise SchedulerUnreachable(
+            f"{address} is a TLS address but dask has no TLS configuration: set "
+            "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and .client.key "
+            "(e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE=...)"
+        )
+    for key in ("ca-file", "client.cert", "client.key"):
+        value = dask.config.get(f"distributed.comm.tls.{key}", None)
+        if value and not os.path.isfile(value):
+            env = "DASK_DISTRIBUTED__COMM__TLS__" + key.upper().replace(".", "__").replace("-", "_")
+            raise SchedulerUnreachable(
+                f"distributed.comm.tls.{key} is {value!r}, which is not a file; fix that "
+                f"setting ({env})"
+            )
 
 
 def _check_address(address: str) -> None:

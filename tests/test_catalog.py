@@ -517,7 +517,7 @@ def test_check_options(tmp_path):
     ]
     assert check_options("images", {"grayscale": False, "size": (28, 28)}) == []
     assert check_options("images", {"size": [28]}) == [
-        ("size", "must be two integers >= 1 [height, width], got [28]")
+        ("size", "must be two integers >= 1 [height, width] (dkm ingest --resize YxX), got [28]")
     ]
     assert check_options("mnist", {"cache_dir": tmp_path, "checksums": None}) == []  # path-like
     assert check_options("mnist", {"verify": "yes"}) == [

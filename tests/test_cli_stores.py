@@ -133,7 +133,8 @@ def test_missing_array_of_a_run(copy_of):
     shown = run("show", path)
     assert shown.exit_code == 1
     assert "lloyd-k3 damaged:" in shown.stdout and "centroids/zarr.json: missing" in shown.stdout
-    assert "1 damaged run(s): lloyd-k3; run the job again to compute them anew" in shown.stderr
+    assert "1 damaged run(s): lloyd-k3 (" in shown.stderr
+    assert "centroids/zarr.json: missing); run the job again to compute them anew" in shown.stderr
     report = run("report", path)
     assert report.exit_code == 1
     assert f"dkm: error: {path}: damaged run(s): lloyd-k3" in report.stderr

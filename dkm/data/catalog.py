@@ -194,9 +194,16 @@ def _load_idx_family(
         x, y = readers.read_idx(img_path), readers.read_idx(lab_path)
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise readers.DataFormatError(
-                f"{img_path.name} {x.shape} and {lab_path.name} {y.shape} do not pair up as "
-                "(n, y, x) images and (n,) labels"
+                f"{directory}: {img_path.name} {x.shape} and {lab_path.name} {y.shape} do not "
+                "pair up as (n, y, x) images and (n,) labels"
             )
+        # Pixels are stored as shipped: another type would be silently wrapped into uint8.
+        if x.dtype != np.uint8:
+            raise readers.DataFormatError(
+                f"{img_path}: IDX images must be unsigned bytes (type code 0x08), got {x.dtype}"
+            )
+        if y.dtype.kind not in "iu":
+            raise readers.DataFormatError(f"{lab_path}: IDX labels must be integers, got {y.dtype}")
         images.append(x)
         labels.append(y)
         splits.append(np.full(x.shape[0], split, dtype=object))
@@ -564,7 +571,7 @@ def _check_size(value: Any) -> str | None:
         return None
     return _pair_problem(
         value,
-        "two integers >= 1 [height, width]",
+        "two integers >= 1 [height, width] (dkm ingest --resize YxX)",
         lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import urllib.error
@@ -59,32 +60,47 @@ def _cache_root(cache_dir: str | os.PathLike | None, name: str) -> Path:
     return root
 
 
-def _parse_digest(expected: str) -> tuple[str, str]:
+def _parse_digest(expected: str, fname: str = "") -> tuple[str, str]:
+    where = f"{fname}: " if fname else ""
     algo, sep, value = expected.partition(":")
     if not sep:  # a bare hex digest: its length says which algorithm
         algo, value = ("md5" if len(expected) == 32 else "sha256"), expected
     if algo not in ("md5", "sha256"):
-        raise ValueError(f"unsupported checksum algorithm {algo!r} (use md5: or sha256:)")
-    return algo, value.lower()
+        raise ValueError(f"{where}unsupported checksum algorithm {algo!r} (use md5: or sha256:)")
+    value = value.strip().lower()
+    length = 32 if algo == "md5" else 64
+    if len(value) != length or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(
+            f"{where}checksum {expected!r} is not a {algo} digest ({length} hex digits)"
+        )
+    return algo, value
 
 
 def _download(url: str, dest: Path, expected: str | None, timeout: float) -> None:
-    algo, want = _parse_digest(expected) if expected else ("sha256", None)
+    algo, want = _parse_digest(expected, dest.name) if expected else ("sha256", None)
     digest = hashlib.new(algo)
     part = dest.with_name(f".{dest.name}.part-{uuid.uuid4().hex[:8]}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
-            while block := response.read(_BUFFER):
-                digest.update(block)
-                out.write(block)
+        try:
+            with (
+                urllib.request.urlopen(url, timeout=timeout) as response,
+                open(part, "wb") as out,
+            ):
+                while block := response.read(_BUFFER):
+                    digest.update(block)
+                    out.write(block)
+        except urllib.error.URLError as err:  # HTTP errors too (404, 500...)
+            raise OSError(f"{url}: download failed ({err.reason})") from err
+        except (http.client.HTTPException, OSError, ValueError) as err:
+            # A connection cut mid-file (IncompleteRead), a timeout, a malformed URL: the same
+            # story for the user, told with the URL rather than as a bare exception.
+            raise OSError(f"{url}: download failed ({type(err).__name__}: {err})") from err
         if want is not None and digest.hexdigest() != want:
             raise ChecksumError(
                 f"{url}: checksum mismatch ({algo} {digest.hexdigest()}, expected {want}); "
                 "the file was discarded"
             )
         os.replace(part, dest)
-    except urllib.error.URLError as err:
-        raise OSError(f"{url}: download failed ({err.reason})") from err
     finally:
         part.unlink(missing_ok=True)
 
@@ -136,7 +152,7 @@ def fetch_all(
             )
         dest = root / fname
         if dest.is_file() and expected is not None:
-            algo, want = _parse_digest(expected)
+            algo, want = _parse_digest(expected, fname)
             if _hash_file(dest, algo) == want:
                 log.info("%s: cached", dest)
                 continue

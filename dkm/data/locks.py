@@ -22,13 +22,17 @@ from pathlib import Path
 
 from dkm.data.store import StoreError
 
-__all__ = ["StoreLocked", "lock_path", "store_lock"]
+__all__ = ["StoreLocked", "StoreUnwritable", "lock_path", "store_lock"]
 
 log = logging.getLogger("dkm")
 
 
 class StoreLocked(StoreError):
     """Another process is writing the store."""
+
+
+class StoreUnwritable(StoreError):
+    """The store's directory cannot be written (no such parent, no permission)."""
 
 
 def lock_path(path: str | os.PathLike) -> Path:
@@ -72,8 +76,13 @@ def store_lock(
         Another live process holds the lock (after ``wait`` seconds).
     """
     lock = lock_path(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise StoreUnwritable(
+            f"{path}: cannot write there ({err.strerror or type(err).__name__}: {lock.parent})"
+        ) from None
     try:
         deadline = time.monotonic() + wait
         logged = False

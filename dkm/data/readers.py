@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import pickle
 import tarfile
+import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,12 @@ class DataFormatError(ValueError):
     """A data file is missing, truncated or not in the format it claims to be."""
 
 
+def _reason(err: BaseException, limit: int = 200) -> str:
+    """An underlying error in one short line (tarfile, PIL and pickle can be chatty)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _read_maybe_gzip(path: Path) -> bytes:
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
@@ -49,8 +57,8 @@ def _read_maybe_gzip(path: Path) -> bytes:
         return raw
     try:
         return gzip.decompress(raw)
-    except (OSError, EOFError) as err:
-        raise DataFormatError(f"{path}: corrupt or truncated gzip stream ({err})") from err
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataFormatError(f"{path}: corrupt or truncated gzip stream ({_reason(err)})") from err
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -113,19 +121,35 @@ def _unpickle_batch(name: str, payload: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         batch = pickle.loads(payload, encoding="bytes")
     except Exception as err:  # pickle raises many types on garbage input
-        raise DataFormatError(f"{name}: not a CIFAR python batch ({err})") from err
+        raise DataFormatError(f"{name}: not a CIFAR python batch ({_reason(err)})") from err
     if not isinstance(batch, dict):
         raise DataFormatError(f"{name}: not a CIFAR python batch (no dictionary inside)")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     missing = {"data", "labels"} - batch.keys()
     if missing:
         raise DataFormatError(f"{name}: CIFAR batch lacks {sorted(missing)}")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"], dtype=np.int64)
+    try:
+        data = np.asarray(batch["data"])
+        labels = np.asarray(batch["labels"])
+    except (ValueError, TypeError) as err:  # ragged or exotic contents
+        raise DataFormatError(
+            f"{name}: CIFAR batch 'data'/'labels' are not arrays ({_reason(err)})"
+        ) from err
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataFormatError(
+            f"{name}: 'labels' must be a list of integers, got {labels.dtype} {labels.shape}"
+        )
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
         raise DataFormatError(
             f"{name}: data has shape {data.shape} for {labels.shape[0]} labels, expected (n, 3072)"
         )
+    if data.dtype.kind not in "iu":
+        raise DataFormatError(f"{name}: data must hold uint8 pixel values, got {data.dtype}")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataFormatError(
+            f"{name}: data must hold pixel values 0..255, got {data.min()}..{data.max()}"
+        )
+    labels = labels.astype(np.int64)
     # Rows are 1024 red, then green, then blue values, each a row-major 32x32 plane.
     images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
@@ -150,7 +174,7 @@ def _cifar_members(source: Path) -> dict[str, bytes]:
                         found[base] = tar.extractfile(member).read()
                 return found
         except (tarfile.TarError, EOFError, OSError) as err:
-            raise DataFormatError(f"{source}: not a readable tar archive ({err})") from err
+            raise DataFormatError(f"{source}: not a readable tar archive ({_reason(err)})") from err
     raise DataFormatError(f"{source}: no such file or directory")
 
 
@@ -209,8 +233,16 @@ def _load_image(path: Path, grayscale: bool, size: tuple[int, int] | None) -> np
                 # PIL takes (width, height); dkm speaks (y, x).
                 img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
             return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataFormatError(f"{path}: not a readable image ({err})") from err
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as err:
+        # PIL reports some damaged files as SyntaxError or ValueError, oversized ones as a
+        # DecompressionBombError: all mean "this file is not an image dkm can read".
+        raise DataFormatError(f"{path}: not a readable image ({_reason(err)})") from err
 
 
 def read_image_folder(
@@ -248,7 +280,8 @@ def read_image_folder(
         odd = next(f for f, a in zip(files, arrays, strict=True) if a.shape != first)
         raise DataFormatError(
             f"{root}: images differ in size ({files[0].name} is {first}, {odd.name} is "
-            f"{arrays[files.index(odd)].shape}); pass a size to resize them"
+            f"{arrays[files.index(odd)].shape}); resize them to one size with --resize YxX "
+            "(dkm ingest) or data.options.size: [y, x] (a job)"
         )
     relative = [f.relative_to(root) for f in files]
     labels, names = _folder_labels(relative)
@@ -280,12 +313,33 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataFormatError(f"{path}: file not found")
     try:
         loaded = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise DataFormatError(
+            f"{path}: not a readable .npz file (corrupt or truncated zip archive: {_reason(err)})"
+        ) from err
     except (ValueError, OSError) as err:
-        raise DataFormatError(f"{path}: not a readable .npz file ({err})") from err
+        raise DataFormatError(f"{path}: not a readable .npz file ({_reason(err)})") from err
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
         raise DataFormatError(f"{path}: not an .npz archive (a single {type(loaded).__name__})")
+    arrays = {}
     with loaded as npz:
-        arrays = {k: npz[k] for k in npz.files}
+        for key in npz.files:
+            try:
+                arrays[key] = npz[key]
+            except ValueError as err:
+                if "allow_pickle" in str(err):
+                    raise DataFormatError(
+                        f"{path}: array {key!r} holds Python objects (dtype object), which dkm "
+                        "never unpickles; save it as a uint8 array"
+                    ) from err
+                raise DataFormatError(
+                    f"{path}: array {key!r} is unreadable ({_reason(err)})"
+                ) from err
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+                raise DataFormatError(
+                    f"{path}: array {key!r} is unreadable (corrupt or truncated zip archive: "
+                    f"{_reason(err)})"
+                ) from err
     if "images" not in arrays:
         raise DataFormatError(f"{path}: no 'images' array (has {sorted(arrays)})")
     images, labels = arrays["images"], arrays.get("labels")

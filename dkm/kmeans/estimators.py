@@ -104,6 +104,9 @@ class _KMeansBase(ClusterMixin, TransformerMixin, ParallelEstimator):
         self.history_.attrs.update(attrs.get("history_attrs", {}))
 
     def _kernel_args(self) -> tuple:
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "cluster_centers_")
         return (self._centers_centered, self._x_mean, self.dtype, Tiles.from_config())
 
     def predict(self, X: Any):

@@ -239,7 +239,7 @@ class ResultsStore:
         group = self.path / "runs" / name
         return self._run_info(group) if group.is_dir() else None
 
-    def verify_run(self, name: str) -> str | None:
+    def verify_run(self, name: str, *, labels: bool = True) -> str | None:
         """Read a run's arrays back whole (checksums checked); what is wrong, or None.
 
         Call it before reusing a run: a run that says complete but does not read back
@@ -267,14 +267,17 @@ class ResultsStore:
             error = info.attrs.get("error")
             return f"{self.path}: run {name!r} is {info.status}" + (f": {error}" if error else "")
         try:
-            self._read_back(name, info.attrs)
+            self._read_back(name, info.attrs, skip=() if labels else ("labels",))
         except StoreError as err:
             return err.problem
         return None
 
-    def _read_back(self, name: str, attrs: dict[str, Any]) -> GroupPlan:
-        """Read every chunk of a run here; StoreError naming the first damaged ones."""
+    def _read_back(self, name: str, attrs: dict[str, Any], skip: tuple[str, ...] = ()) -> GroupPlan:
+        """Read every chunk of a run here (but the arrays in ``skip``); StoreError naming the
+        first damaged ones."""
         plan = plan_group(self.path / "runs" / name, attrs.get(MANIFEST_ATTR))
+        for array in skip:
+            plan.grids.pop(array, None)
         (damaged,) = read_groups([plan], parallel=False)
         problems = plan.problems + [d.describe() for d in damaged]
         if problems:
