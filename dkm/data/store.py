@@ -947,7 +947,7 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _discard(tmp: Path, quiet: float = 0.25, limit: float = 10.0) -> None:
+def _discard(tmp: Path, quiet: float = 1.0, limit: float = 15.0) -> None:
     """Remove a failed write's temporary store until it stays gone.
 
     Dask does not stop the tasks already running when one fails: they go on writing their
