@@ -1,15 +1,32 @@
 """dkm: distributed k-means clustering jobs on Dask over chunked Zarr datasets."""
 
+from importlib import import_module
+
 from dkm import config  # noqa: F401 - registers dkm's defaults in dask's config first
-from dkm.data.catalog import DATASETS, ingest
-from dkm.data.store import open_dataset
-from dkm.features import PatchLayout, extract_patches, stitch_patches
-from dkm.jobs import JobSpec, load_job
-from dkm.kmeans import KMeans, MiniBatchKMeans, kmeans_parallel
-from dkm.results import ResultsStore, load_model
-from dkm.runner import plan_job, run_job
 
 __version__ = "0.1.0"
+
+# The public API is imported on first use (PEP 562): a Dask worker that unpickles one of
+# dkm's kernels imports this package first, and importing everything here (xarray,
+# dask.array, scikit-learn, the runner) would take ~200 MB of its memory limit before it
+# holds any data.
+_API = {
+    "DATASETS": "dkm.data.catalog",
+    "ingest": "dkm.data.catalog",
+    "open_dataset": "dkm.data.store",
+    "PatchLayout": "dkm.features",
+    "extract_patches": "dkm.features",
+    "stitch_patches": "dkm.features",
+    "JobSpec": "dkm.jobs",
+    "load_job": "dkm.jobs",
+    "KMeans": "dkm.kmeans",
+    "MiniBatchKMeans": "dkm.kmeans",
+    "kmeans_parallel": "dkm.kmeans",
+    "ResultsStore": "dkm.results",
+    "load_model": "dkm.results",
+    "plan_job": "dkm.runner",
+    "run_job": "dkm.runner",
+}
 
 __all__ = [
     "DATASETS",
@@ -29,3 +46,23 @@ __all__ = [
     "run_job",
     "stitch_patches",
 ]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(import_module(_API[name]), name)
+    elif not name.startswith("_"):
+        try:  # a subpackage used as an attribute (dkm.kmeans...) after a bare `import dkm`
+            value = import_module(f"dkm.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"dkm.{name}":
+                raise
+            raise AttributeError(f"module 'dkm' has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module 'dkm' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})

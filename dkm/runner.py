@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dkm import config, evaluate
+from dkm._parallel.backend import describe_worker_loss
 from dkm._parallel.base import FitState
 from dkm.data import catalog
 from dkm.data.integrity import verify_once
@@ -223,8 +224,12 @@ class _Progress:
             self.stream.write("\n")
 
 
-def _error_text(err: BaseException) -> str:
-    if isinstance(err, ValueError | StoreError | OSError):
+def _error_text(err: BaseException, client=None) -> str:
+    from distributed import KilledWorker
+
+    if isinstance(err, KilledWorker):  # workers died running it: most often memory
+        return describe_worker_loss(err, client)
+    if isinstance(err, ValueError | StoreError | OSError | MemoryError):
         return str(err)
     return f"{type(err).__name__}: {err}"
 
@@ -275,10 +280,11 @@ class _JobRunner:
                     f"kept in {self.results.path}"
                 ) from None
             log.debug("%s failed", name, exc_info=True)
-            log.error("%s: failed: %s", name, _error_text(err))
+            text = _error_text(err, self.client)
+            log.error("%s: failed: %s", name, text)
             attrs = {"algorithm": spec.model.algorithm, "k": k, "identity": identity, "run_id": rid}
-            self.results.write_failed_run(name, attrs, _error_text(err))
-            return RunOutcome(name, k, "failed", error=_error_text(err))
+            self.results.write_failed_run(name, attrs, text)
+            return RunOutcome(name, k, "failed", error=text)
         return RunOutcome(name, k, "computed", metrics)
 
     def _complete(self, name: str, k: int, attrs: dict[str, Any]) -> RunOutcome:

@@ -11,16 +11,81 @@ the number of tasks per iteration constant by construction.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from concurrent.futures import Future as LocalFuture
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import dask
 import numpy as np
 
 from dkm import config
+
+__all__ = [
+    "Backend",
+    "DistributedBackend",
+    "FitLostError",
+    "LocalBackend",
+    "NoWorkersError",
+    "WorkerMemory",
+    "describe_worker_loss",
+    "get_backend",
+]
+
+log = logging.getLogger("dkm")
+
+MEMORY_SETTINGS = (
+    "cluster.memory_limit in a job file, memory_limit= of the LocalCluster, "
+    "or dask worker --memory-limit"
+)
+
+
+class NoWorkersError(TimeoutError):
+    """No Dask worker was running for ``dkm.backend.no-worker-timeout`` while a fit waited."""
+
+
+class FitLostError(RuntimeError):
+    """Tasks or blocks of a fit were released or lost and cannot be recomputed."""
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """What one worker can give a fit: its memory limit and what its process already uses.
+
+    ``rss`` is measured after :func:`dkm._parallel.kernels.warm_up` loaded what the kernels
+    need; ``managed`` is the part of it that is task results (Dask can spill those).
+    """
+
+    address: str
+    nthreads: int
+    limit: int  # bytes; 0 when the worker has no memory limit
+    rss: int
+    managed: int = 0
+
+    @property
+    def unmanaged(self) -> int:
+        return max(0, self.rss - self.managed)
+
+
+def memory_pause_fraction() -> float:
+    """Share of its memory limit at which a worker stops running tasks (Dask's ``pause``).
+
+    Read from this process's Dask config, like every dkm setting; falls back to the
+    ``terminate`` threshold, then to the whole limit, when the thresholds are disabled.
+    """
+    for key in ("pause", "terminate"):
+        value = dask.config.get(f"distributed.worker.memory.{key}", False)
+        if value:
+            return float(value)
+    return 1.0
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.0f} MB"
 
 
 def get_backend(client=None) -> Backend:
@@ -99,24 +164,49 @@ class DistributedBackend(Backend):
 
     def __init__(self, client):
         self.client = client
-        info = (
-            client.scheduler_info(n_workers=-1)
-            if _accepts_n_workers(client)
-            else (client.scheduler_info())
-        )
+        # Client.restart bumps the client's generation and cancels all its futures.
+        self._generation = getattr(client, "generation", None)
+        info = self._info()
         self.nthreads = max(1, sum(w["nthreads"] for w in info["workers"].values()))
         self.memory = sum(w.get("memory_limit", 0) or 0 for w in info["workers"].values())
 
-    def worker_slots(self) -> list[str]:
-        """Worker addresses, each repeated once per thread, interleaved."""
-        info = (
-            self.client.scheduler_info(n_workers=-1)
-            if _accepts_n_workers(self.client)
-            else (self.client.scheduler_info())
-        )
-        ws = sorted(info["workers"].items())
-        most = max((w["nthreads"] for _, w in ws), default=1)
-        return [a for t in range(most) for a, w in ws if w["nthreads"] > t]
+    def _info(self) -> dict:
+        if _accepts_n_workers(self.client):
+            return self.client.scheduler_info(n_workers=-1)
+        return self.client.scheduler_info()
+
+    def worker_memory(self) -> list[WorkerMemory]:
+        """Memory limit, threads and current memory use of every worker.
+
+        Runs :func:`~dkm._parallel.kernels.warm_up` on each worker first (``Client.run``,
+        outside the task graph), so the memory use includes Zarr and the compiled kernels.
+        """
+        from dkm._parallel import kernels
+
+        workers = self._info()["workers"]
+        if not workers:
+            return []
+        try:
+            used = self.client.run(kernels.warm_up, kernels.Tiles.from_config(), on_error="return")
+        except Exception as err:  # pragma: no cover - a worker left mid-call
+            log.debug("warm-up on the workers failed: %s", err)
+            used = {}
+        out = []
+        for addr, w in sorted(workers.items()):
+            u = used.get(addr)
+            if not isinstance(u, dict):
+                metrics = w.get("metrics", {})
+                u = {"rss": metrics.get("memory", 0), "managed": metrics.get("managed_bytes", 0)}
+            out.append(
+                WorkerMemory(
+                    addr,
+                    int(w.get("nthreads", 1) or 1),
+                    int(w.get("memory_limit", 0) or 0),
+                    int(u.get("rss", 0) or 0),
+                    int(u.get("managed", 0) or 0),
+                )
+            )
+        return out
 
     def map(self, fn, *iterables, name):
         keys = [f"{name}-{i}" for i in range(len(iterables[0]))]
@@ -125,13 +215,288 @@ class DistributedBackend(Backend):
     def submit(self, fn, *args, name):
         return self.client.submit(fn, *args, key=name, pure=False)
 
+    def wait(self, futures) -> None:
+        """Wait until every future is finished or erred -- but not forever with no workers.
+
+        Waiting is bounded by ``dkm.backend.no-worker-timeout``: when no worker is running
+        (none connected, or all paused for memory) for that long, :class:`NoWorkersError`
+        says so instead of waiting silently. Workers that come back in time (a nanny
+        restarting them) reset the clock: the scheduler recomputes what was lost.
+        """
+        from distributed import wait
+
+        futures = [futures] if not isinstance(futures, (list, tuple)) else list(futures)
+        if not futures:
+            return
+        limit = config.get_seconds("backend.no-worker-timeout")
+        poll = max(0.05, min(2.0, limit / 4))
+        idle_since = None
+        while True:
+            try:
+                wait(futures, timeout=poll)
+                return
+            except TimeoutError:
+                pass
+            if self.client.status != "running":
+                return  # the scheduler is gone: gather reports it
+            try:
+                workers = self._info()["workers"]
+            except Exception:  # pragma: no cover - the scheduler went away just now
+                return
+            running = [w for w in workers.values() if w.get("status", "running") == "running"]
+            if running:
+                idle_since = None
+                continue
+            now = time.monotonic()
+            idle_since = idle_since if idle_since is not None else now
+            if now - idle_since >= limit:
+                raise NoWorkersError(_no_workers_message(workers, limit))
+
     def gather(self, futures):
-        return self.client.gather(futures)
+        try:
+            self.wait(futures)
+            return self.client.gather(futures)
+        except CancelledError as err:
+            restarted = getattr(self.client, "generation", None) != self._generation
+            raise FitLostError(_cancelled_message(err, restarted)) from err
+        except Exception as err:
+            if _is_killed_worker(err):
+                err.add_note(describe_worker_loss(err, self.client))
+            raise
 
     def share(self, obj):
         if isinstance(obj, np.ndarray) and obj.nbytes > config.get_bytes("backend.scatter-bytes"):
             return self.client.scatter(obj, broadcast=True, hash=False)
         return obj
+
+    def load_spread(self, handles: list, sizes: Sequence[int], keys) -> list:
+        """Load blocks (:class:`~dkm._parallel.kernels.ZarrRows`) into worker memory, spread
+        over the workers by their threads (see :meth:`spread`); keys ``data-load-...``.
+
+        The load tasks have no dependencies and no restrictions: after every worker is lost
+        the scheduler reads the blocks from the store again.
+        """
+        from dkm._parallel import kernels
+
+        name = keys("data", "load")
+        futures = self.client.map(
+            kernels.load, handles, key=[f"{name}-{i}" for i in range(len(handles))], pure=False
+        )
+        self.wait(futures)
+        return self.spread(futures, sizes, keys("data", "place"))
+
+    def persist_spread(self, arrays: list, sizes: Sequence[int], keys) -> list:
+        """Persist one block per dask array, spread over the workers by their threads.
+
+        No task keeps a worker restriction: the blocks are persisted in one graph wherever
+        the scheduler puts them, then blocks on workers holding more than their share
+        (rows in proportion to threads) are moved by a one-off task that returns its input
+        on the target worker, and that task's restriction is dropped once it has run.
+        Restricting the persisted graph itself to worker addresses (the earlier design)
+        leaves tasks that can never run once every worker has been replaced: the scheduler
+        keeps them in ``no-worker`` until a worker with the old address returns
+        (dask/distributed#7346), so a fit that lost all its workers waited forever.
+        """
+        from distributed import futures_of
+
+        persisted = self.client.persist(list(arrays))
+        futures = [futures_of(p)[0] for p in persisted]
+        self.wait(futures)
+        return self.spread(futures, sizes, keys("data", "place"))
+
+    def spread(self, futures: list, sizes: Sequence[int], name: str) -> list:
+        """Move blocks so that every worker holds rows in proportion to its threads.
+
+        Returns the handles to use (moved blocks are new futures; the old ones are released).
+        """
+        from dkm._parallel import kernels
+
+        info = self._info()["workers"]
+        threads = {a: int(w["nthreads"]) for a, w in info.items() if w.get("nthreads")}
+        if len(threads) < 2 or len(futures) < 2:
+            return list(futures)
+        who = self.client.who_has(futures)
+        owner = []
+        for f in futures:
+            held = sorted(a for a in who.get(f.key, ()) if a in threads)
+            owner.append(held[0] if held else None)
+        plan = _spread_plan(owner, [int(s) for s in sizes], threads)
+        if not plan:
+            return list(futures)
+        out = list(futures)
+        moved = {}
+        for i, target in plan.items():
+            moved[i] = self.client.submit(
+                kernels.same_block,
+                futures[i],
+                key=f"{name}-{i}",
+                workers=[target],
+                allow_other_workers=True,
+                pure=False,
+            )
+        self.wait(list(moved.values()))
+        for i, f in moved.items():
+            out[i] = f
+        _drop_restrictions(self.client, [f.key for f in moved.values()])
+        log.debug("moved %d of %d blocks to spread them over the workers", len(moved), len(out))
+        return out
+
+
+def _spread_plan(owner: list, sizes: list[int], threads: dict[str, int]) -> dict[int, str]:
+    """Which blocks to move where: ``{block: worker}``.
+
+    Each worker's share is the total rows times its share of the threads. Blocks stay where
+    they are while their worker is within its share (by at most half a block); the others
+    go, largest first, to the worker furthest below its share.
+    """
+    total = sum(sizes)
+    nthreads = sum(threads.values())
+    quota = {a: total * t / nthreads for a, t in threads.items()}
+    load = dict.fromkeys(threads, 0)
+    pool = []
+    for i, (w, size) in enumerate(zip(owner, sizes, strict=True)):
+        if w is not None and load[w] + size / 2 <= quota[w]:
+            load[w] += size
+        else:
+            pool.append(i)
+    plan = {}
+    for i in sorted(pool, key=lambda j: -sizes[j]):
+        target = max(sorted(threads), key=lambda a: quota[a] - load[a])
+        load[target] += sizes[i]
+        if target != owner[i]:
+            plan[i] = target
+    return plan
+
+
+def _drop_restrictions(client, keys: list) -> None:
+    """Forget the worker restrictions of finished tasks (best effort).
+
+    A restricted task that must be recomputed after its workers are gone would otherwise
+    wait for them forever (see :meth:`DistributedBackend.persist_spread`). These tasks have
+    a dependency and ``allow_other_workers``, which already lets the scheduler run them
+    elsewhere in the common case; dropping the restriction also covers a recomputation
+    that starts while no worker is running.
+    """
+    if not keys:
+        return
+    try:
+        client.sync(client.scheduler.set_restrictions, worker=dict.fromkeys(keys))
+    except Exception as err:  # pragma: no cover - an older or newer scheduler
+        log.debug("could not drop worker restrictions: %s", err)
+
+
+def _is_killed_worker(err: BaseException) -> bool:
+    try:
+        from distributed import KilledWorker
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(err, KilledWorker)
+
+
+def _no_workers_message(workers: dict, limit: float) -> str:
+    if not workers:
+        state = "no worker is connected to the scheduler"
+    else:
+        paused = [a for a, w in workers.items() if w.get("status") == "paused"]
+        limits = sorted({w.get("memory_limit") or 0 for w in workers.values()})
+        state = f"{len(workers)} worker(s) connected, none running"
+        if paused:
+            state += (
+                f" ({len(paused)} paused: their memory use is above "
+                f"{memory_pause_fraction():.0%} of the memory limit, "
+                f"{', '.join(_mb(x) for x in limits if x) or 'unknown'})"
+            )
+    return (
+        f"no Dask worker ran any task for {limit:.0f} s ({state}); the fit stopped instead of "
+        "waiting longer. Start or scale up workers (a cluster restarting its workers gets "
+        "them back within seconds), give paused workers more memory "
+        f"({MEMORY_SETTINGS}), or raise dkm.backend.no-worker-timeout"
+    )
+
+
+def _cancelled_message(err: BaseException, restarted: bool = False) -> str:
+    reasons = set()
+    reason = getattr(err, "reason", None)
+    if reason:
+        reasons.add(str(reason))
+    for group in getattr(err, "error_groups", ()) or ():
+        if getattr(group, "reason", None):
+            reasons.add(str(group.reason))
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if restarted or any("restart" in r for r in reasons):
+        return (
+            "the Dask cluster was restarted during the fit (Client.restart releases every "
+            f"task and block of every client): {first}. Run the fit again; a job run again "
+            "continues from its last checkpoint"
+        )
+    return (
+        f"tasks of the fit were cancelled ({first}): data they need was released or lost with "
+        "the workers that held it and cannot be recomputed (blocks scattered from a numpy "
+        "input live only on the workers). Run the fit again, or pass a dask array or a "
+        "Zarr path so that lost blocks are recomputed"
+    )
+
+
+def describe_worker_loss(err: BaseException, client=None) -> str:
+    """A ``distributed.KilledWorker`` from a fit, told as what most likely happened: memory.
+
+    Says which task (by the name dkm gave it, e.g. ``lloyd-assign``), that the workers
+    running it died repeatedly (``distributed.scheduler.allowed-failures`` + 1 times), the
+    workers' memory limit, the nanny's memory restarts the scheduler recorded (event topic
+    ``worker-restart-memory``), and which settings to change. ``client`` is optional; with
+    it the message includes the recorded restarts and the current workers' limits.
+    """
+    from dask.utils import key_split
+
+    task = getattr(err, "task", None)
+    last = getattr(err, "last_worker", None)
+    tries = int(getattr(err, "allowed_failures", 0) or 0) + 1
+    name = key_split(task) if task is not None else "a task"
+    limit = int(getattr(last, "memory_limit", 0) or 0)
+    address = getattr(last, "address", None)
+    kills = []
+    limits = set()
+    if client is not None:
+        try:
+            kills = [msg for _, msg in client.get_events("worker-restart-memory")]
+        except Exception:  # pragma: no cover - scheduler gone
+            kills = []
+        try:
+            info = (
+                client.scheduler_info(n_workers=-1)
+                if _accepts_n_workers(client)
+                else client.scheduler_info()
+            )
+            limits = {int(w.get("memory_limit") or 0) for w in info["workers"].values()}
+        except Exception:  # pragma: no cover
+            limits = set()
+    if limit:
+        limits.add(limit)
+    limits.discard(0)
+    limit_text = " / ".join(_mb(x) for x in sorted(limits)) if limits else "no limit set"
+    text = (
+        f"the Dask workers running task {task!r} ({name}) died {tries} times in a row "
+        f"(distributed.scheduler.allowed-failures = {tries - 1}), the last one "
+        f"{address or 'unknown'}; worker memory limit: {limit_text}. "
+    )
+    if kills:
+        peak = max(int(k.get("rss", 0) or 0) for k in kills)
+        text += (
+            f"The nannies restarted workers {len(kills)} time(s) for exceeding "
+            f"{dask.config.get('distributed.worker.memory.terminate', 0.95):.0%} of their "
+            f"memory limit (largest process: {_mb(peak)}), so the work did not fit in the "
+            "workers' memory. "
+        )
+    else:
+        text += (
+            "A worker dying while it runs a task is most often the nanny restarting it for "
+            "going over its memory limit (check the worker logs). "
+        )
+    return text + (
+        f"Give the workers more memory ({MEMORY_SETTINGS}), or make the blocks smaller: "
+        "dkm.blocks.target-bytes (an upper bound) or dkm.blocks.memory-fraction (the share of "
+        "a worker's memory limit a block and its kernels may take)"
+    )
 
 
 def _accepts_n_workers(client) -> bool:

@@ -10,11 +10,18 @@ Rules (also in the estimators' docstrings):
 - NaN/inf rows are counted in the first pass and the fit fails naming how many rows.
 - Data is persisted on the cluster once when it fits in half of the cluster memory; a Zarr
   input that does not fit is streamed from the store every iteration instead.
+- On a cluster whose workers have a memory limit, blocks are sized from it: a block plus the
+  kernels' working memory stays within ``dkm.blocks.memory-fraction`` of the smallest
+  worker's limit per thread (and within half of what the worker process leaves free below
+  Dask's pause threshold); ``dkm.blocks.target-bytes`` and ``max-bytes`` stay upper bounds.
+  When not even a small block fits, the fit fails before it starts with a
+  :class:`WorkerMemoryError` naming the limit and the settings to change.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,8 +34,27 @@ import numpy as np
 
 from dkm import config
 from dkm._parallel import kernels
-from dkm._parallel.backend import Backend, LocalBackend
+from dkm._parallel.backend import (
+    MEMORY_SETTINGS,
+    Backend,
+    LocalBackend,
+    WorkerMemory,
+    memory_pause_fraction,
+)
 from dkm._parallel.keys import Keys
+
+log = logging.getLogger("dkm")
+
+# The smallest block worth a task (fewer rows if the data has fewer): below it the per-task
+# overhead dominates, and a worker that cannot hold this much is too small for the data.
+MIN_BLOCK_ROWS = 1024
+# A streamed block smaller than a Zarr chunk still decodes the whole chunk: blocks are at
+# least this fraction of a chunk, so that no chunk is decoded more than 4 times per pass.
+MAX_READ_AMPLIFICATION = 4
+
+
+class WorkerMemoryError(MemoryError):
+    """The workers' memory limit is too small for even one block of the data."""
 
 
 @dataclass
@@ -176,9 +202,15 @@ def as_source(X: Any, dtype=np.float32, variable: str | None = None) -> Source:
     return Source(X, dtype, store=store if store else None, variable=variable)
 
 
-def _fits(backend: Backend, nbytes: int) -> bool:
+def _fits(backend: Backend, nbytes: int, workers: list[WorkerMemory] | None = None) -> bool:
     fraction = float(config.get("blocks.persist-fraction"))
     if backend.is_distributed:
+        if workers and all(w.limit for w in workers):
+            # What the workers have left below their pause threshold, not the bare limits:
+            # a worker process holds 70-200 MB before it stores any data.
+            pause = memory_pause_fraction()
+            free = sum(max(0, pause * w.limit - w.unmanaged) for w in workers)
+            return nbytes <= fraction * free
         return backend.memory == 0 or nbytes <= fraction * backend.memory
     try:
         import psutil
@@ -188,26 +220,36 @@ def _fits(backend: Backend, nbytes: int) -> bool:
         return True
 
 
-def _row_splits(chunks: tuple[int, ...], per_row: int, nthreads: int) -> list[tuple[int, int]]:
+def _row_splits(
+    chunks: tuple[int, ...],
+    per_row: int,
+    nthreads: int,
+    target_bytes: int | None = None,
+    max_bytes: int | None = None,
+) -> list[tuple[int, int]]:
     """Block boundaries: source chunks, merged when tiny and numerous, split when huge.
 
     Per-task overhead dominates small blocks, so many small chunks are merged; blocks above
-    ``dkm.blocks.max-bytes`` are split.
+    ``dkm.blocks.max-bytes`` (or ``max_bytes`` when smaller, e.g. from the workers' memory)
+    are split. Merged blocks never grow past that bound.
     """
-    target_bytes = config.get_bytes("blocks.target-bytes")
+    target_bytes = min(config.get_bytes("blocks.target-bytes"), target_bytes or np.inf)
+    max_bytes = min(config.get_bytes("blocks.max-bytes"), max_bytes or np.inf)
     bounds = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
     n = int(bounds[-1])
     mean_bytes = n * per_row / max(1, len(chunks))
+    max_rows = max(1, int(max_bytes // per_row))
     if len(chunks) > 4 * nthreads and mean_bytes < target_bytes / 2:
         # Aim for target-size blocks, but keep at least two blocks per thread for balance.
-        target = min(math.ceil(n / (2 * nthreads)), target_bytes // per_row)
+        target = min(math.ceil(n / (2 * nthreads)), int(target_bytes // per_row))
         merged = [0]
-        for b in bounds[1:]:
-            if b - merged[-1] >= target or b == n:
+        rest = bounds[1:].tolist()
+        for j, b in enumerate(rest):
+            grows_past = j + 1 < len(rest) and rest[j + 1] - merged[-1] > max_rows
+            if b - merged[-1] >= target or b == n or grows_past:
                 merged.append(int(b))
         bounds = np.array(merged)
     out = []
-    max_rows = max(1, config.get_bytes("blocks.max-bytes") // per_row)
     for a, b in itertools.pairwise(bounds.tolist()):
         pieces = max(1, math.ceil((b - a) / max_rows))
         edges = np.linspace(a, b, pieces + 1).astype(int)
@@ -215,39 +257,198 @@ def _row_splits(chunks: tuple[int, ...], per_row: int, nthreads: int) -> list[tu
     return out
 
 
-def _split_numpy(n: int, per_row: int, nthreads: int) -> list[tuple[int, int]]:
-    nblocks = max(2 * nthreads, math.ceil(n * per_row / config.get_bytes("blocks.target-bytes")))
+def _split_numpy(
+    n: int, per_row: int, nthreads: int, max_bytes: int | None = None
+) -> list[tuple[int, int]]:
+    target = min(config.get_bytes("blocks.target-bytes"), max_bytes or np.inf)
+    nblocks = max(2 * nthreads, math.ceil(n * per_row / target))
     nblocks = min(nblocks, n)
     edges = np.linspace(0, n, nblocks + 1).astype(int)
     return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
 
 
+def _zarr_chunk(store: str, variable: str) -> tuple[int, np.dtype]:
+    """Rows per Zarr chunk (inner chunk when sharded) and the stored dtype."""
+    import zarr
+
+    arr = zarr.open_group(store, mode="r")[variable]
+    return int(arr.chunks[0]), np.dtype(arr.dtype)
+
+
+@dataclass(frozen=True)
+class _TaskMemory:
+    """What one kernel task holds: its block, then either the read or the kernels' buffers.
+
+    While a block is read, a task holds the block and one decoded source chunk (with its
+    compressed bytes); once it is read, the block and the kernels' per-row vectors and
+    tiles. The two phases do not overlap.
+    """
+
+    data_row: int  # bytes per row of the block
+    work_row: int  # the kernels' per-row vectors (kernels.ROW_WORK_BYTES)
+    tiles: int  # the kernels' tiles (kernels.task_fixed_bytes)
+    read: int  # reading one block: a decoded chunk and its compressed bytes (0: in memory)
+    what: str  # the read, in words, for the error message
+    chunk_rows: int = 0  # rows of a source chunk read whole (0: none)
+
+    def need(self, rows: int) -> int:
+        return rows * self.data_row + max(self.read, rows * self.work_row + self.tiles)
+
+    def rows_within(self, nbytes: float) -> int:
+        """The most rows whose task fits in ``nbytes`` (0 if none)."""
+        by_read = (nbytes - self.read) / self.data_row
+        by_work = (nbytes - self.tiles) / (self.data_row + self.work_row)
+        return max(0, int(min(by_read, by_work)))
+
+
+def _task_memory(source: Source, from_zarr: bool) -> _TaskMemory:
+    d = source.shape[1]
+    tiles = kernels.task_fixed_bytes(kernels.Tiles.from_config())
+    read, what = 0, "the kernels' buffers"
+    if from_zarr:
+        rows, stored = _zarr_chunk(source.store, source.variable)
+        chunk = rows * d * stored.itemsize
+        # A decoded chunk and its compressed bytes; a cast copies the chunk's rows once more.
+        read = (2 if stored == source.dtype else 3) * chunk
+        what = f"one Zarr chunk of {rows} rows ({chunk / 2**20:.1f} MiB) decoded"
+        return _TaskMemory(
+            d * source.dtype.itemsize, kernels.ROW_WORK_BYTES, tiles, read, what, rows
+        )
+    if isinstance(source.array, da.Array):
+        chunk = max(source.array.chunks[0]) * d * np.dtype(source.array.dtype).itemsize
+        read = 2 * chunk
+        what = f"source chunks of {chunk / 2**20:.1f} MiB"
+    return _TaskMemory(d * source.dtype.itemsize, kernels.ROW_WORK_BYTES, tiles, read, what)
+
+
+def block_limit(
+    source: Source, workers: list[WorkerMemory], from_zarr: bool
+) -> tuple[int | None, str]:
+    """The largest block (bytes of data) the workers' memory allows, and why.
+
+    Per worker with a memory limit ``L``, ``T`` threads (one block per thread at a time)
+    and ``U`` bytes already used by its process (after the kernels are loaded):
+
+    - what tasks can use before Dask pauses the worker: ``A = pause * L - U``, less the
+      per-row state a fit keeps on it (labels, k-means|| distances:
+      ``kernels.ROW_STATE_BYTES`` per row of its share of the data);
+    - one task may take ``min(dkm.blocks.memory-fraction * L, A / 2) / T`` (the other half
+      of ``A`` is slack for allocator fragmentation and the worker's own buffers): its
+      block, and either one decoded source chunk while reading it or the kernels' per-row
+      vectors (``kernels.ROW_WORK_BYTES``) and tiles while working on it.
+
+    Blocks have at least ``MIN_BLOCK_ROWS`` rows and, when streaming, a quarter of a Zarr
+    chunk (``MAX_READ_AMPLIFICATION``): a smaller block would still decode the whole chunk.
+
+    Returns ``(None, "")`` when no worker has a memory limit. Raises
+    :class:`WorkerMemoryError` when the blocks are read from Zarr (streamed, or persisted
+    from a store) and the per-row state plus one smallest block per thread do not fit in
+    ``pause * L - U`` on some worker: the fit could only end with workers restarted for
+    memory, or paused for good.
+    """
+    limited = [w for w in workers if w.limit]
+    if not limited:
+        return None, ""
+    n, d = source.shape
+    task = _task_memory(source, from_zarr)
+    fraction = float(config.get("blocks.memory-fraction"))
+    pause = memory_pause_fraction()
+    threads = sum(w.nthreads for w in workers) or 1
+    min_rows = min(n, max(MIN_BLOCK_ROWS, -(-task.chunk_rows // MAX_READ_AMPLIFICATION)))
+    best_rows, why = None, ""
+    for w in limited:
+        free = pause * w.limit - w.unmanaged
+        state = n * kernels.ROW_STATE_BYTES * w.nthreads / threads
+        if from_zarr and w.nthreads * task.need(min_rows) + state > free:
+            raise WorkerMemoryError(
+                _too_small_message(source, w, min_rows, task.need(min_rows), state, task, pause)
+            )
+        per_task = min(fraction * w.limit, max(0.0, free - state) / 2) / w.nthreads
+        rows = task.rows_within(per_task)
+        if best_rows is None or rows < best_rows:
+            best_rows = rows
+            why = (
+                f"worker {w.address}: memory limit {w.limit / 1e6:.0f} MB, "
+                f"{w.unmanaged / 1e6:.0f} MB in use, {w.nthreads} thread(s)"
+            )
+    rows = max(min_rows, best_rows)
+    return rows * d * source.dtype.itemsize, why
+
+
+def _too_small_message(
+    source: Source,
+    w: WorkerMemory,
+    rows: int,
+    need: int,
+    state: float,
+    task: _TaskMemory,
+    pause: float,
+) -> str:
+    n, d = source.shape
+    where = f"{source.store}" + (f" ({source.variable})" if source.variable else "")
+    return (
+        f"the workers' memory is too small to read {where}, {n} x {d} {source.dtype}: "
+        f"worker {w.address} has a memory limit of {w.limit / 1e6:.0f} MB, of which its "
+        f"process already uses {w.unmanaged / 1e6:.0f} MB, and Dask pauses it at "
+        f"{pause:.0%} of the limit; each of its {w.nthreads} thread(s) needs at least "
+        f"{need / 1e6:.0f} MB for one block ({rows} rows, {task.what}), and the fit keeps "
+        f"{state / 1e6:.0f} MB of labels and distances on it ({kernels.ROW_STATE_BYTES} "
+        f"bytes per row of its share of the data). Give the workers more memory "
+        f"({MEMORY_SETTINGS}), or store the data in smaller Zarr chunks "
+        "(dkm.store.feature-chunk-bytes for dkm's stores). Blocks are already sized below "
+        "dkm.blocks.target-bytes to fit the memory limit; no smaller setting helps"
+    )
+
+
 def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") -> Blocks:
-    """Put the data where the kernels run (persisted once, or as Zarr stream handles)."""
+    """Put the data where the kernels run (persisted once, or as Zarr stream handles).
+
+    On a cluster with worker memory limits the block size follows the smallest worker's
+    memory (see :func:`block_limit`); blocks read from Zarr are checked before anything
+    runs. On a cluster, a Zarr store is read by :class:`~dkm._parallel.kernels.ZarrRows`
+    tasks whether it is streamed or persisted (one chunk at a time, and the workers never
+    import xarray or dask.array, ~150 MB each). Persisted blocks are spread over the workers
+    without worker restrictions, so that a fit whose workers are all replaced recomputes them
+    instead of waiting forever.
+    """
     n, d = source.shape
     dtype = source.dtype
     per_row = d * dtype.itemsize
     nbytes = n * per_row
+    workers = None
+    if backend.is_distributed and backend.memory:
+        workers = backend.worker_memory()
     stream = False
     if persist == "auto":
-        stream = source.store is not None and not _fits(backend, nbytes)
+        stream = source.store is not None and not _fits(backend, nbytes, workers)
     elif not persist:
         if source.store is None:
             raise ValueError("persist=False (streaming) needs a Zarr path as input")
         stream = True
 
+    from_zarr = source.store is not None and (stream or backend.is_distributed)
+    limit, why = block_limit(source, workers, from_zarr) if workers else (None, "")
     arr = source.array
     if isinstance(arr, np.ndarray):
-        splits = _split_numpy(n, per_row, backend.nthreads)
+        splits = _split_numpy(n, per_row, backend.nthreads, limit)
     else:
-        splits = _row_splits(arr.chunks[0], per_row, backend.nthreads)
+        splits = _row_splits(arr.chunks[0], per_row, backend.nthreads, limit, limit)
+    if limit is not None and limit < config.get_bytes("blocks.target-bytes"):
+        log.debug(
+            "blocks of at most %.1f MiB (%d blocks) for the memory limit: %s",
+            limit / 2**20,
+            len(splits),
+            why,
+        )
     starts = np.array([a for a, _ in splits], dtype=np.int64)
     sizes = np.array([b - a for a, b in splits], dtype=np.int64)
 
-    if stream:
+    if from_zarr:
         handles = [
             kernels.ZarrRows(source.store, source.variable, a, b, dtype.str) for a, b in splits
         ]
+        if not stream:
+            handles = backend.load_spread(handles, sizes.tolist(), Keys.new())
     elif isinstance(arr, np.ndarray):
         parts = [kernels.as_block(arr[a:b], dtype) for a, b in splits]
         if backend.is_distributed:
@@ -262,18 +463,12 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
         # One block per split: concatenate the source chunks within each split.
         aug = [a if a.numblocks[0] == 1 else a.rechunk({0: -1}) for a in aug]
         if backend.is_distributed:
-            from distributed import futures_of
-
-            # Spread blocks over the worker threads round-robin: left to itself the scheduler
-            # may load every (fast) chunk on one worker, and each Lloyd step then runs where
-            # its block lives (measured: all 4 patch blocks on one of 2 workers).
-            slots = backend.worker_slots()
-            handles = []
-            for i, a in enumerate(aug):
-                (p,) = backend.client.persist(
-                    [a], workers=[slots[i % len(slots)]], allow_other_workers=True
-                )
-                handles.append(futures_of(p)[0])
+            # Spread the blocks over the workers in proportion to their threads: left to
+            # itself the scheduler may load most (fast) chunks on one worker, and each Lloyd
+            # step then runs where its block lives (measured: all 4 patch blocks on one of
+            # 2 workers when persisted one by one, 3 of 4 when persisted together). Without
+            # worker restrictions (see persist_spread).
+            handles = backend.persist_spread(aug, sizes.tolist(), Keys.new())
         else:
             sched = "sync" if isinstance(backend, LocalBackend) and backend.nthreads == 1 else None
             handles = list(dask.compute(*aug, scheduler=sched or "threads"))
@@ -283,11 +478,13 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
 def compute_stats(blocks: Blocks, seed: int, keys: Keys) -> dict:
     """The validation and moments pass (pass 1 of every fit); sets ``blocks.stats``."""
     be = blocks.backend
+    tiles = kernels.Tiles.from_config()
     futs = be.map(
         kernels.block_stats,
         blocks.handles,
         [seed] * blocks.nblocks,
         blocks.starts.tolist(),
+        [tiles] * blocks.nblocks,
         name=keys("data", "stats"),
     )
     st = be.reduce(

@@ -29,26 +29,53 @@ class Tiles:
     ``tile_bytes``: one rows x k distance tile, small enough to stay in L2 so that the argmin
     reads it from cache right after the GEMM wrote it (measured: 2048 x 256 float32 tiles were
     35% faster than whole-block distance matrices). ``x_tile_bytes``: rows of x per tile in
-    the fused step, so the partial sums read x from cache too.
+    the fused step, so the partial sums read x from cache too. ``numba_min_memory``: workers
+    with a smaller memory limit sum per cluster with numpy instead of numba (see
+    :func:`accumulator`).
     """
 
     tile_bytes: int = 2 * 2**20
     x_tile_bytes: int = 512 * 2**10
+    numba_min_memory: int = 2**30
 
     @classmethod
     def from_config(cls) -> Tiles:
-        return cls(config.get_bytes("kernels.tile-bytes"), config.get_bytes("kernels.x-tile-bytes"))
+        return cls(
+            config.get_bytes("kernels.tile-bytes"),
+            config.get_bytes("kernels.x-tile-bytes"),
+            config.get_bytes("kernels.numba-min-memory"),
+        )
 
     def rows(self, k: int, itemsize: int) -> int:
         """Rows per distance tile for ``k`` centres."""
         return int(max(256, min(65536, self.tile_bytes // max(1, k * itemsize))))
 
 
+# Memory a task needs beside its block, used to size blocks from the workers' memory limit
+# (:mod:`dkm._parallel.blocks`). Per row: the per-row vectors the kernels allocate while a
+# block is loaded -- labels and squared distances (int32 + float32), and in a k-means|| round
+# the running minimum (float64, previous and new), the uniforms and keys (float64 each) --
+# about 56 bytes, rounded up. Per task: the distance and x tiles (the fused step and the
+# statistics pass hold a float64 copy of one x tile).
+ROW_WORK_BYTES = 64
+# Per row kept on the workers between tasks while a fit runs, whatever the block size: the
+# labels of the last two Lloyd passes (int32 each), or the running minimum of k-means||
+# (float64, previous and current round).
+ROW_STATE_BYTES = 16
+
+
+def task_fixed_bytes(tiles: Tiles) -> int:
+    """Working memory of one kernel task that does not grow with the block."""
+    return tiles.tile_bytes + 2 * tiles.x_tile_bytes
+
+
 @dataclass(frozen=True, eq=False)
 class ZarrRows:
-    """A lazily loaded row block of a 2-D Zarr array (used when data is streamed, not persisted).
+    """A lazily loaded row block of a 2-D Zarr array.
 
-    Holds only the location, so it is cheap to ship to a worker every iteration.
+    Holds only the location, so it is cheap to ship to a worker every iteration: streamed
+    data is read through it every pass, and on a cluster persisted blocks of a store are
+    loaded with it once (a task the scheduler can rerun if the block is lost).
     """
 
     store: str
@@ -59,12 +86,35 @@ class ZarrRows:
     shift: np.ndarray | None = None  # data mean, subtracted on load
 
     def load(self) -> np.ndarray:
+        """The rows in the working dtype, centered when a shift is set: one array, no copy.
+
+        Read one Zarr chunk at a time straight into the block: a single read over many
+        chunks decodes up to ``zarr.config["async.concurrency"]`` chunks at once, so a
+        streamed block would need several chunk-sized buffers beside it. Here a task holds
+        its block plus one decoded chunk (and, when the store's dtype differs from the
+        working dtype, that chunk's rows once more before the cast). The mean is
+        subtracted piece by piece, in place.
+        """
         import zarr
+        from zarr.core.buffer import default_buffer_prototype
 
         arr = zarr.open_group(self.store, mode="r")[self.variable]
-        x = np.array(arr[self.start : self.stop], dtype=np.dtype(self.dtype))
-        if self.shift is not None:
-            x -= self.shift
+        dtype = np.dtype(self.dtype)
+        x = np.empty((self.stop - self.start, arr.shape[1]), dtype=dtype)
+        step = max(1, int(arr.chunks[0]))
+        same = np.dtype(arr.dtype) == dtype
+        a = self.start
+        while a < self.stop:
+            b = min(self.stop, (a // step + 1) * step)
+            piece = x[a - self.start : b - self.start]
+            if same:
+                out = default_buffer_prototype().nd_buffer.from_numpy_array(piece)
+                arr.get_basic_selection((slice(a, b), slice(None)), out=out)
+            else:
+                piece[...] = arr[a:b]
+            if self.shift is not None:
+                piece -= self.shift
+            a = b
         return x
 
     def centered(self, shift: np.ndarray) -> ZarrRows:
@@ -87,6 +137,46 @@ def load(block) -> np.ndarray:
     if isinstance(block, ZarrRows):
         return block.load()
     return block
+
+
+def same_block(block):
+    """The block itself: a task that moves a persisted block to the worker it runs on."""
+    return block
+
+
+def process_memory() -> int:
+    """Resident memory of this process in bytes (what a nanny compares with its limit)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil is a dependency of distributed
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def warm_up(tiles: Tiles | None = None, dask_worker=None) -> dict:
+    """Load what the kernels need on this worker, then report its memory use.
+
+    Run with ``Client.run`` before a fit sizes its blocks: a fresh worker process holds
+    about 60 MB; Zarr adds about 10 MB and numba's compiled partial sums (LLVM), on workers
+    that use them (see :func:`accumulator`), about 120 MB the first time they run.
+    Measuring after loading them is what the blocks can count on. Returns
+    ``{"rss": process bytes, "managed": bytes of task results held}``.
+    """
+    import zarr  # noqa: F401 - loaded here so that its memory is counted
+
+    tiles = tiles or Tiles()
+    managed, limit = 0, None
+    if dask_worker is not None:
+        state = getattr(dask_worker, "state", None)
+        managed = int(getattr(state, "nbytes", 0) or 0)
+        mm = getattr(dask_worker, "memory_manager", None)
+        limit = float(getattr(mm, "memory_limit", None) or float("inf"))
+    acc = accumulator(tiles, limit)
+    acc(np.zeros((1, 1), np.float32), np.zeros(1, np.int32), np.zeros((1, 1)))
+    return {"rss": process_memory(), "managed": managed}
 
 
 def pack_centers(centers: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -145,14 +235,73 @@ def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     fn = _numba_accumulate()
     if fn is not None:
         fn(x, labels, sums)
-    else:  # pragma: no cover - numba is a dependency of dask-ml, so normally present
-        import scipy.sparse as sp
-
-        onehot = sp.csr_matrix(
-            (np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(k, len(labels))
-        )
-        sums[:] = onehot @ np.asarray(x, dtype=np.float64)
+    else:  # pragma: no cover - numba is a dependency of dkm
+        accumulate_numpy(x, labels, sums)
     return sums
+
+
+def accumulate_numpy(x: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> None:
+    """``sums[labels[i]] += x[i]`` with numpy: one ``bincount`` over (cluster, feature).
+
+    ``bincount`` adds its weights in index order, so every sum sees the same additions in
+    the same order as numba's loop: the result is the same to the last bit. Slower than the
+    compiled loop, but it needs no compiler in the worker process (see :func:`accumulator`).
+    """
+    NumpyAccumulator()(x, labels, sums)
+
+
+class NumpyAccumulator:
+    """:func:`accumulate_numpy` with its index and weight buffers kept between tiles.
+
+    On a worker the nanny sets ``MALLOC_TRIM_THRESHOLD_``, so every fresh tile-sized array
+    is a fresh ``mmap`` with page faults (see :func:`nearest_tiles`); reusing the two
+    buffers made the numpy sums 2x faster per Lloyd step on workers.
+    """
+
+    def __init__(self):
+        self.idx = np.empty(0, dtype=np.intp)
+        self.w = np.empty(0, dtype=np.float64)
+
+    def __call__(self, x: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> None:
+        k, d = sums.shape
+        m = len(labels)
+        if self.idx.size < m * d:
+            self.idx = np.empty(m * d, dtype=np.intp)
+            self.w = np.empty(m * d, dtype=np.float64)
+        idx = self.idx[: m * d].reshape(m, d)
+        np.multiply(labels[:, None], d, out=idx)
+        idx += np.arange(d, dtype=np.intp)
+        w = self.w[: m * d].reshape(m, d)
+        w[...] = x
+        flat = sums.reshape(-1)
+        flat += np.bincount(idx.reshape(-1), weights=w.reshape(-1), minlength=k * d)
+
+
+def _memory_limit_here() -> float:
+    """The memory limit of the Dask worker running this task (inf outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return float("inf")
+    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+    return float(limit) if limit else float("inf")
+
+
+def accumulator(tiles: Tiles, memory_limit: float | None = None):
+    """The per-cluster sum kernel for this process: numba's compiled loop, or numpy's.
+
+    numba's compiler (LLVM) adds about 120 MB to a worker process the first time it runs,
+    which on a worker with a 300 MB limit is most of what its blocks could use. Workers
+    whose memory limit is below ``tiles.numba_min_memory`` (``dkm.kernels.numba-min-memory``)
+    therefore use :func:`accumulate_numpy`: the same sums to the last bit, slower. Returns
+    the kernel, called as ``fn(x, labels, sums)``.
+    """
+    limit = _memory_limit_here() if memory_limit is None else memory_limit
+    if tiles.numba_min_memory and limit < tiles.numba_min_memory:
+        return NumpyAccumulator()
+    return _numba_accumulate() or NumpyAccumulator()
 
 
 _NUMBA_ACC = None
@@ -201,17 +350,14 @@ def lloyd_step(block, packed: np.ndarray, prev_labels, tiles: Tiles):
     n, d = x.shape
     labels = np.empty(n, dtype=np.int32)
     sums = np.zeros((k, d), dtype=np.float64)
-    acc = _numba_accumulate()
+    acc = accumulator(tiles)
     # Rows per tile: the distance tile stays in L2 (see Tiles) and so does the x tile,
     # so that the partial sums read x from cache right after the GEMM did. For wide rows
     # (pixels, d=784) this is what keeps a step at about one pass over memory, not two.
     step = max(64, min(tiles.rows(k, x.itemsize), tiles.x_tile_bytes // max(1, d * x.itemsize)))
     for s, m, xt, _dist, lab in nearest_tiles(x, packed, step):
         labels[s : s + m] = lab
-        if acc is not None:
-            acc(xt, labels[s : s + m], sums)
-    if acc is None:  # pragma: no cover
-        sums = cluster_sums(x, labels, k)
+        acc(xt, labels[s : s + m], sums)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     if prev_labels is None:
         moved = len(labels)
@@ -262,31 +408,62 @@ def take_rows(block, local_index: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def block_stats(block, seed: int, start: int):
+def block_stats(block, seed: int, start: int, tiles: Tiles | None = None):
     """One pass of validation and moments over a block.
 
     Returns a dict with the number of rows holding NaN/inf, per-feature sum, sum of squares,
     min and max (float64, over finite rows), the sum of ``||x||^2`` and the block's row with the
     largest uniform key (``u`` from :func:`row_uniforms`), which gives a uniformly random row
     over the whole data set independent of chunking.
+
+    Works tile by tile (``tiles.x_tile_bytes`` of rows): only one tile at a time is copied to
+    float64, never the block. The running sums are carried as the first row of each tile's
+    float64 buffer, so the additions happen in the same order as one ``sum(axis=0)`` over
+    the whole float64 block: the result is the same to the last bit.
     """
     x = load(block)
-    n = x.shape[0]
-    finite = np.isfinite(x).all(axis=1)
-    n_bad = int(n - np.count_nonzero(finite))
-    xf = x[finite] if n_bad else x
-    x64 = xf.astype(np.float64)
-    u = row_uniforms(seed, 0, start, n)
-    u[~finite] = -1.0
-    best = int(np.argmax(u))
+    n, d = x.shape
+    tiles = tiles or Tiles()
+    step = max(64, tiles.x_tile_bytes // max(1, d * x.itemsize))
+    s = np.zeros(d, dtype=np.float64)
+    sq = np.zeros(d, dtype=np.float64)
+    lo = np.full(d, np.inf)
+    hi = np.full(d, -np.inf)
+    buf = np.empty((min(step, n) + 1, d), dtype=np.float64)
+    n_bad = 0
+    best_key, best = -np.inf, 0
+    for a in range(0, n, step):
+        xt = x[a : a + step]
+        finite = np.isfinite(xt).all(axis=1)
+        bad = len(xt) - int(np.count_nonzero(finite))
+        u = row_uniforms(seed, 0, start + a, len(xt))
+        if bad:
+            n_bad += bad
+            u[~finite] = -1.0
+            xt = xt[finite]
+        j = int(np.argmax(u))
+        if u[j] > best_key:
+            best_key, best = float(u[j]), a + j
+        m = len(xt)
+        if m == 0:
+            continue
+        t = buf[1 : m + 1]
+        t[...] = xt
+        buf[0] = s
+        s = buf[: m + 1].sum(axis=0)
+        np.multiply(t, t, out=t)
+        buf[0] = sq
+        sq = buf[: m + 1].sum(axis=0)
+        np.minimum(lo, xt.min(axis=0), out=lo)
+        np.maximum(hi, xt.max(axis=0), out=hi)
     return {
         "n": n,
         "n_bad": n_bad,
-        "sum": x64.sum(axis=0),
-        "sumsq": (x64 * x64).sum(axis=0),
-        "min": xf.min(axis=0).astype(np.float64) if len(xf) else np.full(x.shape[1], np.inf),
-        "max": xf.max(axis=0).astype(np.float64) if len(xf) else np.full(x.shape[1], -np.inf),
-        "first_key": float(u[best]),
+        "sum": s,
+        "sumsq": sq,
+        "min": lo,
+        "max": hi,
+        "first_key": best_key,
         "first_row": x[best].copy(),
     }
 

@@ -36,11 +36,12 @@ def parallel_round(
 
     Returns ``(d2, (phi_b, keys, global_index, rows), centered block or None)``.
     """
-    x = load(block)
     centered = None
     if shift is not None:
         centered = center_block(block, shift)
-        x = load(centered)
+        x = load(centered)  # a streamed block is read once, centered on load
+    else:
+        x = load(block)
     if packed_new.shape[1] == 0:  # nothing was selected last round
         d2 = d2_prev
     else:
