@@ -47,3 +47,16 @@ def test_sweep_table_sorted_with_elbow():
 def test_lengths_must_match():
     with pytest.raises(ValueError, match="2 k values but 3"):
         elbow([1, 2], [1, 2, 3])
+
+
+def test_sweep_table_by_algorithm_fills_gaps_and_finds_each_elbow():
+    ks = [1, 2, 4, 8, 2, 4]
+    algos = ["lloyd"] * 4 + ["minibatch"] * 2
+    inertia = [1000, 120, 100, 80, 130, 110]
+    table = sweep_table(ks, {"inertia": inertia}, algorithms=algos)
+    assert table["inertia"].dims == ("algorithm", "k")
+    assert list(table["algorithm"].values) == ["lloyd", "minibatch"]
+    assert table["inertia"].sel(algorithm="minibatch", k=2) == 130
+    assert np.isnan(table["inertia"].sel(algorithm="minibatch", k=8))
+    assert table.attrs["elbows"] == {"lloyd": 2, "minibatch": -1}
+    assert table.attrs["elbow_k"] == 2

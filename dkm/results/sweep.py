@@ -43,13 +43,50 @@ def elbow(ks: Sequence[int], values: Sequence[float]) -> int | None:
     return int(k[best])
 
 
-def sweep_table(ks: Sequence[int], metrics: Mapping[str, Sequence[float]]) -> xr.Dataset:
-    """Metrics over ``k`` as a Dataset, with the inertia elbow in ``attrs["elbow_k"]``."""
-    ds = xr.Dataset(
-        {name: ("k", np.asarray(vals, dtype=float)) for name, vals in metrics.items()},
-        coords={"k": np.asarray(ks, dtype=np.int64)},
-    ).sortby("k")
-    knee = elbow(ds["k"].values.tolist(), ds["inertia"].values) if "inertia" in ds else None
-    ds.attrs["elbow_k"] = -1 if knee is None else knee
+def sweep_table(
+    ks: Sequence[int],
+    metrics: Mapping[str, Sequence[float]],
+    algorithms: Sequence[str] | None = None,
+) -> xr.Dataset:
+    """Metrics over ``k`` as a Dataset, with the inertia elbow in ``attrs["elbow_k"]``.
+
+    Parameters
+    ----------
+    ks : sequence of int
+        The k of each run.
+    metrics : mapping of str to sequence of float
+        Each metric's value per run (NaN where a run lacks it).
+    algorithms : sequence of str, optional
+        The algorithm of each run. When given, the table has dims ``(algorithm, k)`` (NaN
+        where an algorithm did not run a k), ``attrs["elbows"]`` holds each algorithm's
+        elbow and ``attrs["elbow_k"]`` the first algorithm's.
+    """
+    if algorithms is None:
+        ds = xr.Dataset(
+            {name: ("k", np.asarray(vals, dtype=float)) for name, vals in metrics.items()},
+            coords={"k": np.asarray(ks, dtype=np.int64)},
+        ).sortby("k")
+        knee = _elbow_of(ds)
+        ds.attrs["elbow_k"] = knee
+    else:
+        names = list(dict.fromkeys(algorithms))
+        grid = np.asarray(sorted(set(int(k) for k in ks)), dtype=np.int64)
+        ds = xr.Dataset(coords={"algorithm": names, "k": grid})
+        for metric, values in metrics.items():
+            table = np.full((len(names), len(grid)), np.nan)
+            for algo, k, value in zip(algorithms, ks, values, strict=True):
+                table[names.index(algo), np.searchsorted(grid, int(k))] = value
+            ds[metric] = (("algorithm", "k"), table)
+        elbows = {a: _elbow_of(ds.sel(algorithm=a).dropna("k", how="all")) for a in names}
+        ds.attrs["elbows"] = elbows
+        ds.attrs["elbow_k"] = elbows[names[0]]
     ds.attrs["elbow_method"] = "kneedle on log inertia (log k for wide sweeps)"
     return ds
+
+
+def _elbow_of(ds: xr.Dataset) -> int:
+    """The inertia elbow of a one-algorithm table, -1 when there is none."""
+    if "inertia" not in ds:
+        return -1
+    knee = elbow(ds["k"].values.tolist(), ds["inertia"].values)
+    return -1 if knee is None else knee
