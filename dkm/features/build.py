@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +98,13 @@ def cut_patches(
     source_store: str | os.PathLike,
     overwrite: bool = False,
 ) -> Path:
-    """Cut ``images`` with ``layout`` on the cluster and write the patch store ``out``.
+    """Cut ``images`` with ``layout`` (its sampling and normalisation too) on the cluster and
+    write the patch store ``out``.
 
     The store records the dataset store it was cut from and that store's identity, so a
     re-ingested dataset is never paired with stale patches.
     """
-    patches = extract_patches(images, layout.size, layout.stride, layout.pad, layout.drop_empty)
+    patches = extract_patches(images, **asdict(layout))
     source = read_attrs(source_store)
     attrs = {
         "source_store": str(Path(source_store).resolve()),

@@ -7,6 +7,13 @@ row-major over the window: y, then x, then channel for colour images. Each patch
 coordinates ``image`` (the sample it came from), ``row`` and ``col`` (its top-left pixel in the
 padded image). Everything is computed chunk-wise with dask, so a 40M x 25 patch matrix never
 has to exist in one process.
+
+Sampling (the patch-dictionary study's convention): with ``patches_per_image = n`` each image
+gives ``n`` of its non-empty windows, drawn without replacement and kept in grid order;
+an image with fewer non-empty windows gives all it has. The draw is keyed by
+``(seed, image id, grid position)`` through :func:`dkm._parallel.random.row_uniforms`, so it
+does not depend on how the images are chunked. ``normalize="l2"`` then divides each patch by
+its l2 norm (all-zero patches stay zero).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import numpy as np
 import xarray as xr
 
 from dkm import config
-from dkm._validation import Interval, problems
+from dkm._parallel.random import row_uniforms
+from dkm._validation import Interval, Options, problems
 from dkm.data.store import StoreError, read_attrs, rows_per_chunk, write_atomic
 
 __all__ = ["PatchGrid", "PatchLayout", "extract_patches", "stitch_patches", "write_patches"]
@@ -29,7 +37,7 @@ __all__ = ["PatchGrid", "PatchLayout", "extract_patches", "stitch_patches", "wri
 
 @dataclass(frozen=True)
 class PatchLayout:
-    """How images are cut: window side, step, zero padding, whether all-zero patches go.
+    """How images are cut: window side, step, zero padding, which patches are kept, scaling.
 
     The one owner of the patch conventions: the stride default (the size: non-overlapping
     windows), the rules each value must meet, the tag that names a patch store, the attrs a
@@ -44,53 +52,98 @@ class PatchLayout:
     pad : int, default 0
         Zeros added on every side of the image first.
     drop_empty : bool, default False
-        Leave out all-zero patches.
+        Leave out all-zero patches. Set whenever ``patches_per_image`` is: sampled patches
+        are always non-empty.
+    patches_per_image : int, optional
+        Keep this many randomly drawn non-empty patches of each image (the patch-dictionary
+        study drew 3: 70,000 images give 210,000 patches). An image with fewer non-empty
+        patches gives all it has, so the total is at most ``n_images * patches_per_image``.
+        None keeps every (non-empty, with ``drop_empty``) patch.
+    normalize : {None, "l2"}, default None
+        ``"l2"``: divide each patch vector by its l2 norm after scaling to [0, 1]; all-zero
+        patches stay zero.
+    seed : int, default 0
+        Seed of the ``patches_per_image`` draw (unused without it).
     """
 
     size: int
     stride: int | None = None
     pad: int = 0
     drop_empty: bool = False
+    patches_per_image: int | None = None
+    normalize: str | None = None
+    seed: int = 0
 
     RULES: ClassVar[dict[str, list]] = {
         "size": [Interval(int, 1)],
         "stride": [Interval(int, 1), None],
         "pad": [Interval(int, 0)],
         "drop_empty": ["boolean"],
+        "patches_per_image": [Interval(int, 1), None],
+        "normalize": [Options("l2"), None],
+        "seed": [Interval(int, 0, 2**32 - 1)],
     }
 
+    # The attrs of the fields added with sampling. ``patches_per_image`` is recorded as
+    # ``sampled_per_image``: patch stores have always recorded the grid's windows per image
+    # under ``patches_per_image``.
+    _OPTIONAL_ATTRS: ClassVar[tuple[str, ...]] = ("sampled_per_image", "sample_seed", "normalize")
+
     def __post_init__(self):
-        given = {"size": self.size, "stride": self.stride, "pad": self.pad}
-        found = problems({**given, "drop_empty": self.drop_empty}, self.RULES)
+        found = problems({name: getattr(self, name) for name in self.RULES}, self.RULES)
         if found:
             raise ValueError("; ".join(f"patch {name} {msg}" for name, msg in found))
+        sampled = self.patches_per_image is not None
         object.__setattr__(self, "size", int(self.size))
         object.__setattr__(self, "stride", int(self.size if self.stride is None else self.stride))
         object.__setattr__(self, "pad", int(self.pad))
-        object.__setattr__(self, "drop_empty", bool(self.drop_empty))
+        object.__setattr__(self, "drop_empty", bool(self.drop_empty) or sampled)
+        if sampled:
+            object.__setattr__(self, "patches_per_image", int(self.patches_per_image))
+        object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def tag(self) -> str:
-        """Names a patch store: ``patches-5x5-s5-p1`` (``-nz`` when empty patches dropped)."""
+        """Names a patch store: ``patches-5x5-s5-p1``, then ``-nz`` when empty patches are
+        dropped, ``-n3-seed0`` when 3 are sampled per image with seed 0, ``-l2`` when
+        normalised (each only when set, so the names of earlier stores do not change)."""
         tag = f"patches-{self.size}x{self.size}-s{self.stride}-p{self.pad}"
-        return tag + ("-nz" if self.drop_empty else "")
+        tag += "-nz" if self.drop_empty else ""
+        if self.patches_per_image is not None:
+            tag += f"-n{self.patches_per_image}-seed{self.seed}"
+        return tag + (f"-{self.normalize}" if self.normalize else "")
 
-    def attrs(self) -> dict[str, int]:
-        """What a patch store records of its layout (and :meth:`from_attrs` reads back)."""
-        return {
+    def attrs(self) -> dict[str, Any]:
+        """What a patch store records of its layout (and :meth:`from_attrs` reads back).
+
+        The sampling and scaling keys appear only when set (the seed only with
+        ``patches_per_image``), so a layout without them records what earlier stores did.
+        """
+        attrs: dict[str, Any] = {
             "patch_size": self.size,
             "stride": self.stride,
             "pad": self.pad,
             "drop_empty": int(self.drop_empty),
         }
+        if self.patches_per_image is not None:
+            attrs["sampled_per_image"] = self.patches_per_image
+            attrs["sample_seed"] = self.seed
+        if self.normalize is not None:
+            attrs["normalize"] = self.normalize
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> PatchLayout:
+        """The layout a patch store records; stores from before sampling read as unsampled."""
+        sampled = attrs.get("sampled_per_image")
         return cls(
             int(attrs["patch_size"]),
             int(attrs["stride"]),
             int(attrs["pad"]),
             bool(attrs.get("drop_empty", 0)),
+            patches_per_image=None if sampled is None else int(sampled),
+            normalize=attrs.get("normalize"),
+            seed=int(attrs.get("sample_seed", 0)),
         )
 
     def check_store(self, path: str | os.PathLike) -> None:
@@ -98,7 +151,9 @@ class PatchLayout:
         attrs = read_attrs(path)
         if "patch_size" not in attrs:
             raise StoreError(f"{path}: not a patch store (no patch layout in its attrs)")
-        have = {key: attrs.get(key) for key in self.attrs()}
+        # Every layout key either side, so a sampled store never passes for an unsampled one.
+        keys = [*self.attrs(), *(k for k in self._OPTIONAL_ATTRS if k in attrs)]
+        have = {key: attrs.get(key) for key in dict.fromkeys(keys)}
         if have != self.attrs():
             raise StoreError(f"{path}: holds patches {have}, not {self.attrs()}")
 
@@ -117,6 +172,12 @@ class PatchLayout:
         if len(image_shape) == 3:
             return (self.size, self.size, int(image_shape[2]))
         return (self.size, self.size)
+
+    def most_per_image(self, image_shape: tuple[int, ...]) -> int:
+        """The most patches one image of ``image_shape`` gives: every window of the grid, or
+        ``patches_per_image`` when fewer (an exact count only without ``drop_empty``)."""
+        windows = self.grid(image_shape).per_image
+        return windows if self.patches_per_image is None else min(windows, self.patches_per_image)
 
     def grid(self, image_shape: tuple[int, ...]) -> PatchGrid:
         """The window grid over one padded image of ``image_shape``."""
@@ -186,40 +247,87 @@ def _windows(block: np.ndarray, layout: PatchGrid) -> np.ndarray:
     return win.reshape(-1, layout.n_features)
 
 
-def _scale(values: np.ndarray) -> np.ndarray:
+def _scale(values: np.ndarray, normalize: str | None) -> np.ndarray:
     out = values.astype(np.float32)
     if values.dtype == np.uint8:
         out /= np.float32(255)
+    if normalize == "l2":
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+        out /= np.where(norms > 0, norms, np.float32(1))[:, None]
     return out
 
 
-def _patch_block(block: np.ndarray, layout: PatchGrid, drop_empty: bool) -> np.ndarray:
-    win = _windows(block, layout)
-    if drop_empty:
-        win = win[win.any(axis=1)]
-    return _scale(win)
+# The stream of the patch draw within its seed (the seed is the patches' own).
+_SAMPLE_STREAM = 0
+
+
+def _window_uniforms(ids: np.ndarray, per_image: int, seed: int) -> np.ndarray:
+    """One uniform per (image id, grid position): global row ``id * per_image + position``,
+    so an image's draw depends on its id alone, never on the block it falls in."""
+    if ids.size == 0:
+        return np.empty((0, per_image))
+    runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)  # usually one per block
+    draws = [
+        row_uniforms(seed, _SAMPLE_STREAM, int(run[0]) * per_image, run.size * per_image)
+        for run in runs
+    ]
+    return np.concatenate(draws).reshape(ids.size, per_image)
+
+
+def _kept(win: np.ndarray, ids: np.ndarray, grid: PatchGrid, layout: PatchLayout):
+    """Which of a block's windows are kept, as a mask in window order (None: all of them).
+
+    With ``patches_per_image = n`` those are, in each image, the non-empty windows with the
+    ``n`` smallest uniforms: a draw without replacement that stays in grid order.
+    """
+    if not layout.drop_empty:
+        return None
+    nonempty = win.any(axis=1)
+    n = layout.patches_per_image
+    if n is None or n >= grid.per_image:
+        return nonempty
+    nonempty = nonempty.reshape(-1, grid.per_image)
+    draw = _window_uniforms(ids.reshape(-1).astype(np.int64), grid.per_image, layout.seed)
+    draw[~nonempty] = np.inf
+    pick = np.argpartition(draw, n - 1, axis=1)[:, :n]
+    keep = np.zeros_like(nonempty)
+    np.put_along_axis(keep, pick, True, axis=1)
+    return (keep & nonempty).reshape(-1)
+
+
+def _patch_block(
+    block: np.ndarray, ids: np.ndarray, grid: PatchGrid, layout: PatchLayout
+) -> np.ndarray:
+    win = _windows(block, grid)
+    keep = _kept(win, ids, grid, layout)
+    return _scale(win if keep is None else win[keep], layout.normalize)
 
 
 def _coord_block(
-    block: np.ndarray, ids: np.ndarray, layout: PatchGrid, drop_empty: bool
+    block: np.ndarray, ids: np.ndarray, grid: PatchGrid, layout: PatchLayout
 ) -> np.ndarray:
-    rows, cols = layout.grid()
+    rows, cols = grid.grid()
     n = block.shape[0]
-    out = np.empty((n * layout.per_image, 3), dtype=np.int64)
-    out[:, 0] = np.repeat(ids.astype(np.int64), layout.per_image)
+    out = np.empty((n * grid.per_image, 3), dtype=np.int64)
+    out[:, 0] = np.repeat(ids.reshape(-1).astype(np.int64), grid.per_image)
     out[:, 1] = np.tile(rows, n)
     out[:, 2] = np.tile(cols, n)
-    if drop_empty:
-        out = out[_windows(block, layout).any(axis=1)]
-    return out
+    keep = _kept(_windows(block, grid), ids, grid, layout) if layout.drop_empty else None
+    return out if keep is None else out[keep]
 
 
-def _count_block(block: np.ndarray, layout: PatchGrid) -> np.ndarray:
-    return np.array([np.count_nonzero(_windows(block, layout).any(axis=1))], dtype=np.int64)
+def _count_block(block: np.ndarray, grid: PatchGrid, layout: PatchLayout) -> np.ndarray:
+    """How many patches a block gives (its share of the known chunk sizes)."""
+    nonempty = _windows(block, grid).any(axis=1).reshape(block.shape[0], grid.per_image)
+    per_image = nonempty.sum(axis=1)
+    if layout.patches_per_image is not None:
+        per_image = np.minimum(per_image, layout.patches_per_image)
+    return np.array([per_image.sum()], dtype=np.int64)
 
 
-def _as_image_array(images: Any) -> tuple[da.Array, da.Array]:
-    """The images as a dask array plus the sample index of each image."""
+def _as_image_array(images: Any, keyed: bool = False) -> tuple[da.Array, da.Array]:
+    """The images as a dask array plus the sample index of each image (which must be >= 0
+    when it ``keyed`` a random draw)."""
     if isinstance(images, xr.DataArray):
         if images.dims[0] != "sample":
             raise ValueError(f"images must have 'sample' as first dimension, got {images.dims}")
@@ -234,6 +342,11 @@ def _as_image_array(images: Any) -> tuple[da.Array, da.Array]:
         raise ValueError(f"images must be (sample, y, x[, channel]), got {data.ndim}-D")
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
         raise TypeError(f"images must be numeric, got {data.dtype}")
+    if keyed and ids is not None and ids.size and np.min(ids) < 0:
+        raise ValueError(
+            "patches_per_image keys its draw by the images' 'sample' coordinate, which must "
+            f"be >= 0; got {np.min(ids)}"
+        )
     if ids is None:
         ids_arr = da.arange(data.shape[0], chunks=data.chunks[0], dtype=np.int64)
     else:
@@ -248,6 +361,9 @@ def extract_patches(
     pad: int = 0,
     drop_empty: bool = False,
     *,
+    patches_per_image: int | None = None,
+    normalize: str | None = None,
+    seed: int = 0,
     chunk_bytes: int | None = None,
 ) -> xr.DataArray:
     """Cut every image into ``size x size`` patch vectors, lazily and chunk-wise.
@@ -266,6 +382,15 @@ def extract_patches(
     drop_empty : bool, default False
         Leave out patches whose pixels are all zero. This needs one cheap counting pass over
         the images when called, so that the result has known chunk sizes.
+    patches_per_image : int, optional
+        Keep this many non-empty patches of each image, drawn at random (implies
+        ``drop_empty``, and its counting pass); an image with fewer gives all it has. The
+        draw is keyed by ``seed``, the image's ``sample`` id and the grid position, so any
+        chunking of the images gives the same patches.
+    normalize : {None, "l2"}, default None
+        ``"l2"``: divide each patch by its l2 norm after scaling; all-zero patches stay zero.
+    seed : int, default 0
+        Seed of the ``patches_per_image`` draw.
     chunk_bytes : int, optional
         Aim for output chunks of about this size (default ``dkm.store.feature-chunk-bytes``).
 
@@ -273,7 +398,8 @@ def extract_patches(
     -------
     xarray.DataArray
         ``patches(patch, feature)`` float32, dask-backed, with coordinates ``image``, ``row``,
-        ``col`` along ``patch`` and the layout in ``attrs``.
+        ``col`` along ``patch`` (patches of an image in grid order) and the layout in
+        ``attrs``.
 
     Examples
     --------
@@ -282,23 +408,26 @@ def extract_patches(
     >>> p.shape
     (72, 25)
     """
-    data, ids = _as_image_array(images)
-    layout = PatchLayout(size, stride, pad, drop_empty).grid(data.shape[1:])
+    layout = PatchLayout(size, stride, pad, drop_empty, patches_per_image, normalize, seed)
+    data, ids = _as_image_array(images, keyed=patches_per_image is not None)
+    grid = layout.grid(data.shape[1:])
     chunk_bytes = chunk_bytes or config.get_bytes("store.feature-chunk-bytes")
-    if layout.per_image == 0:
-        raise ValueError(f"no {size}x{size} patch fits the image {layout.image_shape}")
+    if grid.per_image == 0:
+        raise ValueError(f"no {size}x{size} patch fits the image {grid.image_shape}")
 
+    # Sized by every window of a block: the block function holds them all before selecting.
     images_per_block = rows_per_chunk(
-        layout.per_image * layout.n_features * 4, data.shape[0], chunk_bytes
+        grid.per_image * grid.n_features * 4, data.shape[0], chunk_bytes
     )
     if data.chunks[0] != _regular(data.shape[0], images_per_block):
         data = data.rechunk({0: images_per_block, **{i: -1 for i in range(1, data.ndim)}})
         ids = ids.rechunk({0: images_per_block})
 
-    if drop_empty:
+    if layout.drop_empty:
         counts = da.map_blocks(
             _count_block,
             data,
+            grid,
             layout,
             chunks=((1,) * data.numblocks[0],),
             drop_axis=list(range(1, data.ndim)),
@@ -307,15 +436,17 @@ def extract_patches(
         ).compute()
         patch_chunks = tuple(int(c) for c in counts)
     else:
-        patch_chunks = tuple(n * layout.per_image for n in data.chunks[0])
+        patch_chunks = tuple(n * grid.per_image for n in data.chunks[0])
 
     drop_axes = list(range(2, data.ndim))
+    image_ids = ids[:, None, None] if data.ndim == 3 else ids[:, None, None, None]
     values = da.map_blocks(
         _patch_block,
         data,
+        image_ids,
+        grid,
         layout,
-        drop_empty,
-        chunks=(patch_chunks, (layout.n_features,)),
+        chunks=(patch_chunks, (grid.n_features,)),
         drop_axis=drop_axes,
         dtype=np.float32,
         token="dkm-extract-patches",
@@ -323,17 +454,17 @@ def extract_patches(
     coords = da.map_blocks(
         _coord_block,
         data,
-        ids[:, None, None] if data.ndim == 3 else ids[:, None, None, None],
+        image_ids,
+        grid,
         layout,
-        drop_empty,
         chunks=(patch_chunks, (3,)),
         drop_axis=drop_axes,
         dtype=np.int64,
         token="dkm-patch-coords",
     )
     attrs = {
+        **grid.attrs(),
         **layout.attrs(),
-        "drop_empty": int(drop_empty),
         "n_images": int(data.shape[0]),
         "scale": "pixel / 255" if data.dtype == np.uint8 else "as given",
     }
