@@ -4,19 +4,33 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import yaml
 
+from dkm.config import get_bytes
 from dkm.data import catalog
 from dkm.data.download import ChecksumError
 from dkm.data.readers import DataFormatError
-from dkm.data.store import StoreError, is_complete, open_dataset, probe, store_kind
+from dkm.data.store import (
+    StoreError,
+    is_complete,
+    open_dataset,
+    probe,
+    rows_per_chunk,
+    store_identity,
+    store_kind,
+    update_root_attrs,
+    write_atomic,
+)
 from dkm.runtime import SchedulerLost, SchedulerUnreachable, connect
 
 log = logging.getLogger("dkm")
@@ -225,6 +239,335 @@ def patches(
             cut_patches(ds["images"], layout, out, source_store=data, overwrite=overwrite)
     written = open_dataset(out)["patches"]
     click.echo(f"{out.resolve()}: patches {dict(written.sizes)} float32")
+
+
+# ----------------------------------------------------------------------------- reconstruct
+
+RECONSTRUCTION_KIND = "reconstruction"
+_CODING_FLAGS = {"method": "--coding", "n_nonzero_coefs": "--n-nonzero-coefs", "alpha": "--alpha"}
+
+
+def _flag_error(flag: str, value: object, message: str) -> ValueError:
+    """``--flag VALUE: what is wrong``: the one line a user's bad input gets."""
+    return ValueError(f"{flag} {value}: {message}")
+
+
+def _dictionary_run(path: Path, name: str):
+    """The run ``name`` of the results store at ``path``: its centroids, its patch layout and
+    the channels of its patches, every problem named by the flag that fixes it."""
+    from dkm.features import PatchLayout
+
+    try:
+        results = _results_store(path)
+    except StoreError as err:
+        raise StoreError(f"RESULTS {err.problem}", remedy=err.remedy) from None
+    info = results.run_info(name)
+    complete = sorted(r.name for r in results.runs() if r.status == "complete")
+    if info is None or info.status != "complete":
+        state = "no such run" if info is None else f"run {name!r} is {info.status}"
+        listing = ", ".join(complete) if complete else "none"
+        raise _flag_error("--run", name, f"{state} in {path} (its complete runs: {listing})")
+    # Runs record their features (in their attrs, or in their identity); stores written
+    # before that recorded them once per job.
+    features = (
+        info.attrs.get("features")
+        or (info.attrs.get("identity") or {}).get("features")
+        or results.attrs.get("features")
+        or {}
+    )
+    if features.get("kind") != "patches" or "patch_size" not in features:
+        kind = features.get("kind", "unknown")
+        raise _flag_error(
+            "--run",
+            name,
+            f"clusters {kind} features, not patches: it has no patch layout to cut "
+            "images with; choose a run of a patch job",
+        )
+    layout = PatchLayout.from_attrs(features)
+    centroids = results.read_run(name)["centroids"].values
+    # A patch holds size * size values per channel; one channel is a gray image (y, x).
+    per_channel = layout.size * layout.size
+    channels, rest = divmod(centroids.shape[1], per_channel)
+    shape = features.get("image_shape") or []
+    expected = (int(shape[2]) if len(shape) == 3 else 1) if shape else channels
+    if rest or channels != expected:
+        raise StoreError(
+            f"{path}: run {name!r} holds centroids of {centroids.shape[1]} features, not the "
+            f"{per_channel * expected} of its {layout.tag} patches"
+        )
+    # Images of (y, x, 1) keep their channel dim; gray images (y, x) have none.
+    channels = channels if len(shape) == 3 or channels > 1 else 0
+    return results, info, layout, centroids, channels
+
+
+def _sparse_coding(method: str | None, n_nonzero_coefs: int | None, alpha: float | None, centroids):
+    """The ``--coding`` asked for (None: nearest centroid), checked against the dictionary."""
+    from dkm.coding import SparseCoding
+
+    if method is None:
+        for flag, value in (("--n-nonzero-coefs", n_nonzero_coefs), ("--alpha", alpha)):
+            if value is not None:
+                raise _flag_error(flag, value, "a sparse coding parameter: give --coding too")
+        return None
+    params = {"method": method, "n_nonzero_coefs": n_nonzero_coefs, "alpha": alpha}
+    found = SparseCoding.problems(params)
+    if found:
+        key, message = found[0]
+        raise _flag_error(_CODING_FLAGS[key], params[key], message)
+    coding = SparseCoding(method, n_nonzero_coefs, alpha)
+    # The dictionary's all-zero rows (empty clusters) are no atoms to code with.
+    n_atoms = int(np.count_nonzero(np.any(centroids != 0, axis=1)))
+    found = coding.dictionary_problems(n_atoms, centroids.shape[1])
+    if found:
+        key = next(key for key in coding.to_dict() if key != "method")
+        raise _flag_error(_CODING_FLAGS[key], getattr(coding, key), found[0])
+    return coding
+
+
+def _source_images(source: Path, channels: int):
+    """The images of ``--images`` (a dataset store or a folder of image files) as
+    ``images(sample, y, x[, channel])`` and what the results should record of them."""
+    import xarray as xr
+
+    from dkm.data.readers import read_image_folder
+
+    state = probe(source)
+    if state is None:
+        raise _flag_error("--images", source, "no such file or directory")
+    if state.kind is None and source.is_dir() and not (source / "zarr.json").exists():
+        try:
+            folder = read_image_folder(source, grayscale=channels == 0)
+        except DataFormatError as err:
+            raise _flag_error("--images", source, str(err).removeprefix(f"{source}: ")) from None
+        if channels not in (0, 3):
+            raise _flag_error(
+                "--images",
+                source,
+                f"image files give 1 (gray) or 3 (RGB) channels, but the run's patches have "
+                f"{channels}",
+            )
+        dims = ("sample", "y", "x", "channel")[: folder.images.ndim]
+        per_image = int(np.prod(folder.images.shape[1:]))
+        rows = rows_per_chunk(per_image, len(folder.images), get_bytes("store.image-chunk-bytes"))
+        images = xr.DataArray(folder.images, dims=dims).chunk({"sample": rows})
+        about = {"kind": "image folder", "path": str(source.resolve()), "files": list(folder.files)}
+        return images, about
+    try:
+        ds = open_dataset(source)
+    except StoreError as err:
+        problem = err.problem.removeprefix(f"{source}: ")
+        remedy = (
+            "give a dataset store or a folder of image files"
+            if state.kind == "results"
+            else err.remedy
+        )
+        raise StoreError(f"--images {source}: {problem}", remedy=remedy) from None
+    if "images" not in ds:
+        raise _flag_error(
+            "--images",
+            source,
+            f"a {state.kind} store without an 'images' variable; give a dataset store of "
+            "images or a folder of image files",
+        )
+    about = {"kind": "dataset store", "path": str(source.resolve())}
+    about["identity"] = store_identity(source)
+    return ds["images"], about
+
+
+def _check_images(images, channels: int, layout, run: str, source: Path) -> None:
+    shape = tuple(int(s) for s in images.shape[1:])
+    if images.shape[0] == 0:
+        raise _flag_error("--images", source, "holds no images")
+    have = shape[2] if len(shape) == 3 else 0
+    if have != channels:
+
+        def words(c: int) -> str:
+            return "1 channel (gray)" if c == 0 else f"{c} channels"
+
+        raise _flag_error(
+            "--images",
+            source,
+            f"images of {words(have)}, but the patches of run {run} have {words(channels)}",
+        )
+    found = layout.image_problems(shape)
+    if found:
+        raise _flag_error("--images", source, f"{found[0]} (run {run} cuts {layout.tag})")
+
+
+def _check_out(out: Path, overwrite: bool) -> Path:
+    """Where the PNG grid goes (``OUT.png`` beside the store), once ``--out`` may be written."""
+    if out.suffix.lower() == ".png":
+        raise _flag_error(
+            "--out", out, "name the Zarr store (e.g. recon.zarr); its PNG grid goes beside it"
+        )
+    png = out.with_suffix(".png")
+    state = probe(out)
+    if state is not None and not overwrite:
+        raise StoreError(
+            f"--out {out}: already exists and {state.what.removeprefix('is ')}",
+            remedy="pass --overwrite to replace it, or choose another --out",
+        )
+    if state is not None and not state.replaceable_by(RECONSTRUCTION_KIND):
+        raise StoreError(
+            f"--out {out}: {state.what.removeprefix('is ')}, which --overwrite never replaces "
+            "(only reconstruction stores)",
+            remedy="choose another --out",
+        )
+    if png.is_dir() or (png.exists() and not overwrite):
+        raise _flag_error(
+            "--out",
+            out,
+            f"{png} (its PNG grid) already exists; pass --overwrite to replace it, or choose "
+            "another --out",
+        )
+    return png
+
+
+@main.command()
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option(
+    "--run",
+    "run_name",
+    required=True,
+    metavar="RUN",
+    help="The patch run whose centroids are the dictionary, e.g. lloyd-k128 (dkm show lists them).",
+)
+@click.option(
+    "--images",
+    "source",
+    required=True,
+    metavar="SOURCE",
+    type=click.Path(path_type=Path),
+    help="A dataset store, or a folder of image files (PNG, BMP, JPEG...) of one size.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output Zarr store; the PNG grid goes beside it (OUT.zarr -> OUT.png).",
+)
+@click.option(
+    "--coding",
+    default=None,
+    metavar="METHOD",
+    help="Rebuild each patch from its sparse code over the dictionary: omp, lars, lasso_lars, "
+    "lasso_cd or threshold [default: the nearest centroid].",
+)
+@click.option(
+    "--n-nonzero-coefs", type=int, default=None, help="(omp, lars) atoms per patch [default: 2]."
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="(lasso_lars, lasso_cd) penalty, (threshold) threshold [default: 1.0].",
+)
+@click.option("--grid", type=int, default=16, show_default=True, help="Images drawn in the PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing reconstruction store.")
+@scheduler_option
+@_user_errors
+def reconstruct(
+    results: Path,
+    run_name: str,
+    source: Path,
+    out: Path,
+    coding: str | None,
+    n_nonzero_coefs: int | None,
+    alpha: float | None,
+    grid: int,
+    overwrite: bool,
+    scheduler: str | None,
+) -> None:
+    """Rebuild the images of --images from the patch dictionary of a run of RESULTS.
+
+    Every image is cut with the run's patch layout, each patch replaced by its nearest
+    centroid (or its sparse code, --coding) and the patches put back, overlaps averaged.
+    Writes originals, reconstructions and the error of each image to --out, a PNG grid of
+    the first --grid images beside it, and prints the per-pixel RMSE of the whole set.
+    """
+    from dkm.coding import image_error, reconstruct_images
+
+    # Every check before any cluster starts or any image is rebuilt.
+    store, info, layout, centroids, channels = _dictionary_run(results, run_name)
+    sparse = _sparse_coding(coding, n_nonzero_coefs, alpha, centroids)
+    if grid < 1:
+        raise _flag_error("--grid", grid, "must be an integer >= 1")
+    images, about = _source_images(source, channels)
+    _check_images(images, channels, layout, run_name, source)
+    png = _check_out(out, overwrite)
+    rebuilt = reconstruct_images(images, centroids, layout, coding=sparse)  # lazy
+    rebuilt.attrs.update(
+        {
+            "source": about,
+            "results_store": str(store.path.resolve()),
+            "run": run_name,
+            "run_id": info.run_id,
+            "algorithm": info.algorithm,
+            "k": info.k,
+            "layout": layout.attrs(),
+            "sparse_coding": None if sparse is None else sparse.to_dict(),
+        }
+    )
+    with connect(scheduler) as client:
+        try:
+            write_atomic(rebuilt, out, kind=RECONSTRUCTION_KIND, overwrite=overwrite)
+        except Exception as err:
+            _name_damage(source, about, client, err)
+            raise
+    written = open_dataset(out)
+    error = image_error(written["image_mse"].values)
+    # The set's error is known only once every image is rebuilt: stamped after the atomic
+    # write (one zarr.json replace) rather than rebuilding every image a second time.
+    update_root_attrs(out, error)
+    png.unlink(missing_ok=True)  # a grid of a replaced store must not outlive it
+    shown = written.isel(image=slice(0, grid))
+    how = "nearest centroid" if sparse is None else f"sparse coding {sparse.tag}"
+    _write_png_atomically(
+        png,
+        lambda path: _reconstruction_grid(
+            shown, path, title=f"{run_name} ({how}): image RMSE {error['image_rmse']:.4g}"
+        ),
+    )
+    size = "x".join(str(s) for s in images.shape[1:])
+    click.echo(f"{out.resolve()}: {images.shape[0]} images {size} rebuilt with {run_name} ({how})")
+    click.echo(f"{png.resolve()}: originals above reconstructions, first {shown.sizes['image']}")
+    click.echo(f"image RMSE {error['image_rmse']:.6g} (per pixel, pixels in [0, 1])")
+
+
+def _name_damage(source: Path, about: dict, client, err: Exception) -> None:
+    """When rebuilding failed on a damaged chunk of the --images store (zarr's bare
+    "checksum do not match"), raise the StoreError that names the chunk instead."""
+    from dkm.data.integrity import verify_store
+
+    if about["kind"] != "dataset store" or "checksum" not in str(err).lower():
+        return
+    try:
+        verify_store(source, client=client)
+    except StoreError as damaged:
+        problem = damaged.problem.removeprefix(f"{source}: ")
+        raise StoreError(f"--images {source}: {problem}", remedy="ingest it again") from err
+
+
+def _reconstruction_grid(shown, path: Path, *, title: str) -> Path:
+    from dkm.report.plots import reconstruction_grid
+
+    return reconstruction_grid(
+        shown["originals"].values,
+        shown["reconstructions"].values,
+        path,
+        n=shown.sizes["image"],
+        title=title,
+    )
+
+
+def _write_png_atomically(path: Path, draw: Callable[[Path], Path]) -> None:
+    # Drawn under a hidden name and renamed, so a PNG that is there is a whole one.
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.png")
+    try:
+        draw(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @main.command()

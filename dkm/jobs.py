@@ -71,31 +71,59 @@ class FeatureSpec:
     drop_empty: bool = False
     store: str | None = None
     split: str = "all"
+    patches_per_image: int | None = None
+    normalize: str | None = None
+    seed: int = 0
 
     @property
     def layout(self) -> PatchLayout | None:
         """The patch layout (None for pixels)."""
         if self.kind != "patches":
             return None
-        return PatchLayout(self.size, self.stride, self.pad, self.drop_empty)
+        sampling = {
+            key: getattr(self, key)
+            for key in _SAMPLING_KEYS
+            if getattr(self, key) != FeatureSpec.__dataclass_fields__[key].default
+        }
+        return PatchLayout(self.size, self.stride, self.pad, self.drop_empty, **sampling)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The clustering: an algorithm of :mod:`dkm.algorithms`, k (one or a sweep), and the
-    estimator parameters the job sets (the rest take the algorithm's job defaults)."""
+    """The clustering: an algorithm of :mod:`dkm.algorithms` (or several to compare, as a
+    tuple), k (one or a sweep), and the estimator parameters the job sets (the rest take the
+    algorithm's job defaults). With several algorithms, each takes the parameters it has."""
 
     k: tuple[int, ...]
-    algorithm: str = "lloyd"
+    algorithm: str | tuple[str, ...] = "lloyd"
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def algorithms(self) -> tuple[str, ...]:
+        """Every algorithm the job runs, in the job's order."""
+        return (self.algorithm,) if isinstance(self.algorithm, str) else tuple(self.algorithm)
+
+    def each(self) -> list[ModelSpec]:
+        """One single-algorithm model per algorithm, each with the parameters it accepts."""
+        out = []
+        for name in self.algorithms:
+            rules = algorithms.get(name).job_rules()
+            params = {k: v for k, v in self.params.items() if k in rules}
+            out.append(ModelSpec(self.k, name, params))
+        return out
+
+    @property
     def entry(self) -> algorithms.Algorithm:
-        return algorithms.get(self.algorithm)
+        return algorithms.get(self._single())
 
     def resolved(self) -> dict[str, Any]:
-        """Every parameter with its value, defaults included."""
+        """Every parameter with its value, defaults included (one algorithm only)."""
         return self.entry.params(self.params)
+
+    def _single(self) -> str:
+        if not isinstance(self.algorithm, str):
+            raise ValueError(f"{self.algorithm} are several algorithms; use ModelSpec.each()")
+        return self.algorithm
 
     def __getattr__(self, name: str) -> Any:
         # spec.model.max_iter and friends read the resolved parameters.
@@ -109,12 +137,15 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """Where results go and what is kept."""
+    """Where results go and what is kept: labels, the first ``reconstructions`` images of a
+    patch run next to their originals, the sparse codes (``codes``), the HTML report."""
 
     store: str
     labels: bool = False
     report: bool = False
     checkpoint_every: int = 5
+    reconstructions: int = 0
+    codes: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,12 +169,27 @@ class JobSpec:
     features: FeatureSpec = field(default_factory=FeatureSpec)
     evaluate: tuple[str, ...] = ("inertia",)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    sparse_coding: Any = None  # a dkm.coding.SparseCoding when evaluate asks for one
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric a run records: the job's, plus the image errors every patch run
+        records (and their sparse-coding twins when the job asks for sparse coding)."""
+        names = list(self.evaluate)
+        if self.features.kind == "patches":
+            names += ["image_mse", "image_rmse"]
+            if self.sparse_coding is not None:
+                names += ["sparse_image_mse", "sparse_image_rmse"]
+        return tuple(dict.fromkeys(names))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (what the results store records, and parse_job reads)."""
         out = _plain(dataclasses.asdict(self))
         model = out.pop("model")
         out["model"] = {"algorithm": model["algorithm"], "k": model["k"], **model["params"]}
+        coding = out.pop("sparse_coding")
+        if coding is not None:
+            out["evaluate"] = [*out["evaluate"], {"sparse_coding": self.sparse_coding.to_dict()}]
         return out
 
 
@@ -176,6 +222,8 @@ _SECTION_RULES: dict[str, dict[str, list]] = {
         "labels": ["boolean"],
         "report": ["boolean"],
         "checkpoint_every": [Interval(int, 1)],
+        "reconstructions": [Interval(int, 0)],
+        "codes": ["boolean"],
     },
     "cluster": {
         "address": ["string", None],
@@ -184,6 +232,8 @@ _SECTION_RULES: dict[str, dict[str, list]] = {
         "memory_limit": ["string", Interval(int, 1), None],
     },
 }
+# Patch-sampling keys of features (PatchLayout's rules own their values).
+_SAMPLING_KEYS = ("patches_per_image", "normalize", "seed")
 _REQUIRED = {"data": ("dataset", "store"), "output": ("store",)}
 _SECTIONS = ("name", "data", "features", "model", "evaluate", "output", "cluster")
 
@@ -281,58 +331,124 @@ def _k_range(found: _Problems, raw: Mapping, where: str) -> list[int]:
     return []
 
 
+def _algorithm_names(found: _Problems, raw: Any) -> tuple[str, ...]:
+    """``model.algorithm``: one name, or a list of names to compare in one sweep."""
+    names = [raw] if isinstance(raw, str) else raw
+    expected = describe([Options(*algorithms.ALGORITHMS)])
+    if not isinstance(names, list) or not names:
+        found.add("model.algorithm", f"must be {expected} or a list of them, got {short_repr(raw)}")
+        return ()
+    bad = [n for n in names if not isinstance(n, str) or n not in algorithms.ALGORITHMS]
+    if bad:
+        found.add("model.algorithm", f"must be {expected}, got {short_repr(bad[0])}")
+        return ()
+    if len(set(names)) != len(names):
+        found.add("model.algorithm", f"repeated algorithms in {short_repr(names)}")
+        return ()
+    return tuple(names)
+
+
 def _model(found: _Problems, raw: Any) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         found.add("model", f"expected a mapping, got {type(raw).__name__}")
         return {}
-    name = raw.get("algorithm", "lloyd")
-    if not isinstance(name, str) or name not in algorithms.ALGORITHMS:
-        found.add(
-            "model.algorithm",
-            f"must be {describe([Options(*algorithms.ALGORITHMS)])}, got {short_repr(name)}",
-        )
+    names = _algorithm_names(found, raw.get("algorithm", "lloyd"))
+    if not names:
         return {}
-    entry = algorithms.get(name)
     if "k" not in raw:
         found.add("model.k", "required key is missing")
     k = _expand_k(found, raw["k"]) if "k" in raw else ()
     params = {key: v for key, v in raw.items() if key not in ("algorithm", "k")}
-    rules = entry.job_rules()
-    for key, message in problems(params, rules):
-        if message.startswith("unknown parameter"):
-            message = (
-                f"unknown key for algorithm {name!r} "
-                f"(expected one of: algorithm, k, {', '.join(rules)})"
+    rules_of = {name: algorithms.get(name).job_rules() for name in names}
+    for key, value in params.items():
+        takers = [name for name in names if key in rules_of[name]]
+        if not takers:
+            known = sorted({r for rules in rules_of.values() for r in rules})
+            which = f"algorithm {names[0]!r}" if len(names) == 1 else f"algorithms {list(names)}"
+            found.add(
+                f"model.{key}",
+                f"unknown key for {which} (expected one of: algorithm, k, {', '.join(known)})",
             )
-        found.add(f"model.{key}", message)
-    return {"algorithm": name, "k": k, "params": dict(params)}
+            continue
+        for message in dict.fromkeys(
+            m for name in takers for _, m in problems({key: value}, rules_of[name])
+        ):
+            found.add(f"model.{key}", message)
+    algorithm: str | tuple[str, ...] = names[0] if len(names) == 1 else names
+    return {"algorithm": algorithm, "k": k, "params": dict(params)}
 
 
 def _features_problems(found: _Problems, features: dict[str, Any]) -> None:
     if features.get("kind") == "patches":
         if features.get("size") is None:
             found.add("features.size", "required when kind is patches")
-    elif any(features.get(key) for key in ("size", "stride", "pad", "drop_empty")):
-        found.add("features.kind", "size/stride/pad/drop_empty need kind: patches")
+    elif any(
+        features.get(key) for key in ("size", "stride", "pad", "drop_empty", *_SAMPLING_KEYS)
+    ):
+        found.add("features.kind", f"size/stride/pad/drop_empty/{'/'.join(_SAMPLING_KEYS)} "
+                  "need kind: patches")
 
 
-def _evaluate(found: _Problems, raw: Any, kind: str) -> tuple[str, ...]:
-    names = [raw] if isinstance(raw, str) else raw
-    if not isinstance(names, list) or not all(isinstance(m, str) for m in names):
-        found.add("evaluate", f"expected a list of metric names, got {short_repr(raw)}")
-        return ()
+def _evaluate(found: _Problems, raw: Any, kind: str) -> tuple[tuple[str, ...], Any]:
+    """``evaluate``: metric names, and at most one ``{sparse_coding: {method: ..., ...}}``
+    step; returns the names and the :class:`~dkm.coding.SparseCoding` (or None)."""
+    entries = [raw] if isinstance(raw, str | Mapping) else raw
+    expected = "a list of metric names and {sparse_coding: {...}}"
+    if not isinstance(entries, list):
+        found.add("evaluate", f"expected {expected}, got {short_repr(raw)}")
+        return (), None
+    names, coding = [], None
+    for entry in entries:
+        if isinstance(entry, Mapping):
+            coding = _sparse_coding(found, entry, kind, coding)
+        elif isinstance(entry, str):
+            names.append(entry)
+        else:
+            found.add("evaluate", f"expected {expected}, got {short_repr(entry)}")
     for metric in names:
         info = evaluate.METRICS.get(metric)
         if info is None:
             found.add(
                 "evaluate",
-                f"unknown metric {metric!r} (expected: {', '.join(evaluate.METRICS)})",
+                f"unknown metric {metric!r} (expected: {', '.join(evaluate.METRICS)}, "
+                "or {sparse_coding: {...}})",
             )
         elif info.needs_labels and kind == "patches":
             found.add("evaluate", f"{metric} compares sample labels; patches have none")
         elif info.needs_patches and kind != "patches":
             found.add("evaluate", f"{metric} needs features.kind: patches")
-    return tuple(dict.fromkeys(names))
+        elif info.needs_coding and coding is None:
+            found.add("evaluate", f"{metric} needs a sparse_coding step in evaluate")
+    return tuple(dict.fromkeys(names)), coding
+
+
+def _sparse_coding(found: _Problems, entry: Mapping, kind: str, earlier: Any) -> Any:
+    from dkm.coding import SparseCoding
+
+    if list(entry) != ["sparse_coding"]:
+        found.add(
+            "evaluate",
+            f"a mapping entry must be {{sparse_coding: {{method: ...}}}}, got {short_repr(entry)}",
+        )
+        return earlier
+    if earlier is not None:
+        found.add("evaluate.sparse_coding", "given twice; give one sparse_coding step")
+        return earlier
+    if kind != "patches":
+        found.add("evaluate.sparse_coding", "needs features.kind: patches")
+        return None
+    options = entry["sparse_coding"]
+    if not isinstance(options, Mapping):
+        found.add(
+            "evaluate.sparse_coding",
+            f"expected a mapping such as {{method: omp, n_nonzero_coefs: 2}}, got "
+            f"{short_repr(options)}",
+        )
+        return None
+    bad = SparseCoding.problems(options)
+    for key, message in bad:
+        found.add(f"evaluate.sparse_coding.{key}", message)
+    return None if bad else SparseCoding.from_dict(dict(options))
 
 
 def parse_job(raw: Any, source: str = "job") -> JobSpec:
@@ -367,7 +483,9 @@ def parse_job(raw: Any, source: str = "job") -> JobSpec:
     features = _section(found, raw.get("features"), "features")
     _features_problems(found, features)
     model = _model(found, raw["model"]) if "model" in raw else {}
-    metrics = _evaluate(found, raw.get("evaluate", ["inertia"]), features.get("kind", "pixels"))
+    metrics, coding = _evaluate(
+        found, raw.get("evaluate", ["inertia"]), features.get("kind", "pixels")
+    )
     output = _section(found, raw.get("output"), "output") if "output" in raw else {}
     cluster = _section(found, raw.get("cluster"), "cluster")
     address = cluster.get("address")
@@ -384,6 +502,12 @@ def parse_job(raw: Any, source: str = "job") -> JobSpec:
                 "cluster.memory_limit", f"expected a size such as '4GiB' or 'auto', got {limit!r}"
             )
 
+    kind = features.get("kind", "pixels")
+    if output.get("reconstructions") and kind != "patches":
+        found.add("output.reconstructions", "images are rebuilt from patches: needs kind: patches")
+    if output.get("codes") and coding is None:
+        found.add("output.codes", "stores sparse codes: needs a sparse_coding step in evaluate")
+
     if found:
         raise JobSpecError(list(found), source)
     return JobSpec(
@@ -392,6 +516,7 @@ def parse_job(raw: Any, source: str = "job") -> JobSpec:
         features=FeatureSpec(**features),
         model=ModelSpec(**model),
         evaluate=metrics,
+        sparse_coding=coding,
         output=OutputSpec(**output),
         cluster=ClusterSpec(**cluster),
     )
@@ -434,8 +559,8 @@ def check_against_data(
             found.add("features.size", f"{message} of {where}")
         if found:
             return list(found)
-        n *= layout.grid(shape.sample_shape).per_image
-        what, bound = "patches", "at most " if f.drop_empty else ""
+        n *= layout.most_per_image(shape.sample_shape)
+        what, bound = "patches", "at most " if layout.drop_empty else ""
     for k in spec.model.k:
         if k > n:
             found.add("model.k", f"{k} > {bound}{n} {what} in {where}")

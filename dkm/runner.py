@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 
 from dkm import config, evaluate
@@ -33,7 +34,7 @@ from dkm.data.integrity import verify_once
 from dkm.data.locks import StoreLocked, StoreUnwritable, store_lock
 from dkm.data.store import StoreError, probe
 from dkm.features import Features, build_features, features_identity
-from dkm.jobs import JobSpec, JobSpecError, check_against_data
+from dkm.jobs import JobSpec, JobSpecError, ModelSpec, check_against_data
 from dkm.results import ResultsStore, load_model, run_name, sweep_table
 from dkm.results.attrs import COMPLETE, FAILED, INTERRUPTED
 from dkm.runtime import SchedulerLost, check_interrupted, connect
@@ -46,13 +47,16 @@ log = logging.getLogger("dkm")
 # ----------------------------------------------------------------------------- identity
 
 
-def run_identity(spec: JobSpec, k: int, features: dict[str, Any]) -> dict[str, Any]:
-    """Everything that determines a run's result (and nothing that does not)."""
+def run_identity(model: ModelSpec, k: int, features: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines a run's result (and nothing that does not).
+
+    ``model`` is one algorithm of the job (:meth:`ModelSpec.each`).
+    """
     return {
         "features": features,
-        "algorithm": spec.model.algorithm,
+        "algorithm": model.algorithm,
         "k": int(k),
-        "params": spec.model.resolved(),
+        "params": model.resolved(),
     }
 
 
@@ -143,17 +147,18 @@ def plan_job(spec: JobSpec, *, fresh: bool = False, resume: bool = False) -> Pla
         identity = features_identity(
             spec.data.store, kind=f.kind, layout=f.layout, split=f.split, store=f.store
         )
-    for k in spec.model.k:
-        plan.runs.append(_plan_run(spec, k, identity, results, fresh))
+    for model in spec.model.each():
+        for k in spec.model.k:
+            plan.runs.append(_plan_run(model, k, identity, results, fresh))
     return plan
 
 
 def _plan_run(
-    spec: JobSpec, k: int, features: dict | None, results: ResultsStore, fresh: bool
+    model: ModelSpec, k: int, features: dict | None, results: ResultsStore, fresh: bool
 ) -> PlannedRun:
-    name = run_name(spec.model.algorithm, k)
+    name = run_name(model.algorithm, k)
     info = None if fresh or not results.exists() else results.run_info(name)
-    wanted = None if features is None else run_id(run_identity(spec, k, features))
+    wanted = None if features is None else run_id(run_identity(model, k, features))
     if info is None:
         checkpoint = None
         if wanted is not None and results.exists() and not fresh:
@@ -182,6 +187,7 @@ def _plan_run(
 @dataclass
 class RunOutcome:
     name: str
+    algorithm: str
     k: int
     status: str  # "reused", "computed", "failed"
     metrics: dict[str, float] = field(default_factory=dict)
@@ -235,7 +241,8 @@ def _error_text(err: BaseException, client=None) -> str:
 
 
 def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, float]:
-    n, d = features.X.shape
+    """The metrics of ``names`` that need no image reconstruction."""
+    names = [m for m in names if not evaluate.METRICS[m].needs_coding and m not in _IMAGE_ERRORS]
     labels_pred = None
     if any(evaluate.METRICS[m].needs_labels for m in names):
         labels_pred = getattr(est, "labels_", None)
@@ -244,12 +251,86 @@ def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, flo
     return evaluate.compute_metrics(
         names,
         inertia=float(est.inertia_),
-        n_samples=n,
-        n_features=d,
+        n_samples=features.n_vectors,
+        n_features=features.X.shape[1],
         labels_true=features.labels,
         labels_pred=labels_pred,
         n_clusters=est.n_clusters,
     )
+
+
+_IMAGE_ERRORS = ("image_mse", "image_rmse")
+
+
+class _ImageStep:
+    """Whole images rebuilt from a run's dictionary: the image errors every patch run
+    records, the first ``output.reconstructions`` images next to their originals, and the
+    same again through the job's sparse coding (with its codes when ``output.codes``)."""
+
+    def __init__(self, spec: JobSpec, features: Features):
+        self.spec, self.features = spec, features
+        self.layout = features.reconstruction_layout
+
+    def coding_attrs(self) -> dict[str, Any] | None:
+        coding = self.spec.sparse_coding
+        return None if coding is None else coding.to_dict()
+
+    def missing(self, attrs: dict[str, Any]) -> tuple[bool, bool, bool]:
+        """What a complete run lacks: (hard images, sparse images, codes)."""
+        have = set(attrs.get("variables", []))
+        metrics = attrs.get("metrics", {})
+        shown = self.spec.output.reconstructions
+        hard = "image_mse" not in metrics or int(attrs.get("reconstructions", 0)) < shown
+        sparse = self.spec.sparse_coding is not None and (
+            attrs.get("sparse_coding") != self.coding_attrs()
+            or "sparse_image_mse" not in metrics
+            or int(attrs.get("reconstructions", 0)) < shown
+        )
+        codes = self.spec.output.codes and ("codes_index" not in have or sparse)
+        return hard, sparse, codes
+
+    def __call__(
+        self, centroids: np.ndarray, hard: bool = True, sparse: bool = True, codes: bool = True
+    ) -> tuple[dict[str, float], dict[str, tuple]]:
+        from dkm.coding import encode_patches, image_error, reconstruct_images
+
+        metrics: dict[str, float] = {}
+        variables: dict[str, tuple] = {}
+        shown = self.spec.output.reconstructions
+        images = self.features.images
+        passes = [("", None, hard)]
+        if self.spec.sparse_coding is not None:
+            passes.append(("sparse_", self.spec.sparse_coding, sparse))
+        # Every pass is built lazily and computed together: one trip through the cluster.
+        lazy: dict[str, Any] = {}
+        for prefix, coding, wanted in passes:
+            if not wanted:
+                continue
+            rebuilt = reconstruct_images(images, centroids, self.layout, coding=coding)
+            lazy[f"{prefix}image_mse"] = rebuilt["image_mse"].data
+            if shown:
+                first = rebuilt.isel(image=slice(0, shown))
+                lazy[f"{prefix}reconstructions"] = first["reconstructions"]
+                lazy["originals"] = first["originals"]
+        (done,) = dask.compute(lazy)
+        for name, value in done.items():
+            if name.endswith("image_mse"):
+                prefix = name.removesuffix("image_mse")
+                metrics.update({f"{prefix}{k}": v for k, v in image_error(value).items()})
+                variables[name] = (("sample",), value)
+            else:
+                variables[name] = (value.dims, value.values)
+        if codes and self.spec.output.codes:
+            found = encode_patches(self.features.X, centroids, self.spec.sparse_coding)
+            for var in ("codes_index", "codes_weight"):
+                variables[var] = (found[var].dims, found[var].data)
+        return metrics, variables
+
+    def attrs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"reconstructions": self.spec.output.reconstructions}
+        if self.spec.sparse_coding is not None:
+            out["sparse_coding"] = self.coding_attrs()
+        return out
 
 
 class _JobRunner:
@@ -258,20 +339,20 @@ class _JobRunner:
     def __init__(self, spec: JobSpec, features: Features, results: ResultsStore, client):
         self.spec, self.features, self.results = spec, features, results
         self.client = client
+        self.images = _ImageStep(spec, features) if features.images is not None else None
 
-    def run(self, k: int) -> RunOutcome:
-        spec = self.spec
-        name = run_name(spec.model.algorithm, k)
-        identity = run_identity(spec, k, self.features.identity)
+    def run(self, model: ModelSpec, k: int) -> RunOutcome:
+        name = run_name(model.algorithm, k)
+        identity = run_identity(model, k, self.features.identity)
         rid = run_id(identity)
         info = self.results.run_info(name)
         if info is not None and info.status == COMPLETE and info.run_id == rid:
             problem = self.results.verify_run(name)
             if problem is None:
-                return self._complete(name, k, info.attrs)
+                return self._complete(name, model, k, info.attrs)
             log.warning("%s: %s; computing it again", name, problem)
         try:
-            metrics = self._fit(name, k, identity, rid)
+            metrics = self._fit(name, model, k, identity, rid)
         except Exception as err:  # the run fails; the job goes on with the others
             if self.client.status != "running":  # not the run's fault: the cluster is gone
                 raise SchedulerLost(
@@ -282,28 +363,36 @@ class _JobRunner:
             log.debug("%s failed", name, exc_info=True)
             text = _error_text(err, self.client)
             log.error("%s: failed: %s", name, text)
-            attrs = {"algorithm": spec.model.algorithm, "k": k, "identity": identity, "run_id": rid}
+            attrs = {"algorithm": model.algorithm, "k": k, "identity": identity, "run_id": rid}
             self.results.write_failed_run(name, attrs, text)
-            return RunOutcome(name, k, "failed", error=text)
-        return RunOutcome(name, k, "computed", metrics)
+            return RunOutcome(name, model.algorithm, k, "failed", error=text)
+        return RunOutcome(name, model.algorithm, k, "computed", metrics)
 
-    def _complete(self, name: str, k: int, attrs: dict[str, Any]) -> RunOutcome:
-        """A reused run: add the metrics and labels the job asks for now and it lacks."""
+    def _complete(self, name: str, model: ModelSpec, k: int, attrs: dict[str, Any]) -> RunOutcome:
+        """A reused run: add the metrics, labels and images the job asks for now and it
+        lacks."""
         metrics = dict(attrs.get("metrics", {}))
-        missing = [m for m in self.spec.evaluate if m not in metrics]
+        missing = [m for m in self.spec.metrics if m not in metrics]
         want_labels = self.spec.output.labels and "labels" not in attrs.get("variables", [])
-        if missing or want_labels:
-            est = load_model(self.results.path, name)
-            added = {}
-            if want_labels:
-                est.labels_ = est.predict(self._input())
-                added["labels"] = (("sample",), est.labels_)
-            metrics.update(_run_metrics(self.spec, est, self.features, missing))
-            self.results.add_to_run(name, {"metrics": metrics}, added or None)
-            log.info("%s: kept; added %s", name, ", ".join([*missing, *added]))
-        else:
+        images = self.images.missing(attrs) if self.images is not None else (False,) * 3
+        if not (missing or want_labels or any(images)):
             log.info("%s: already complete, kept", name)
-        return RunOutcome(name, k, "reused", metrics)
+            return RunOutcome(name, model.algorithm, k, "reused", metrics)
+        est = load_model(self.results.path, name)
+        added: dict[str, tuple] = {}
+        extra: dict[str, Any] = {}
+        if want_labels:
+            est.labels_ = est.predict(self._input())
+            added["labels"] = ((self.features.X.dims[0],), est.labels_)
+        metrics.update(_run_metrics(self.spec, est, self.features, missing))
+        if any(images):
+            found, variables = self.images(est.cluster_centers_, *images)
+            metrics.update(found)
+            added.update(variables)
+            extra = self.images.attrs()
+        self.results.add_to_run(name, {"metrics": metrics, **extra}, added or None)
+        log.info("%s: kept; added %s", name, ", ".join(dict.fromkeys([*missing, *added])))
+        return RunOutcome(name, model.algorithm, k, "reused", metrics)
 
     def _input(self):
         # A stored feature matrix goes in by path, so an estimator can stream it from Zarr
@@ -312,11 +401,13 @@ class _JobRunner:
             return str(self.features.store)
         return self.features.X
 
-    def _fit(self, name: str, k: int, identity: dict, rid: str) -> dict[str, float]:
+    def _fit(
+        self, name: str, model: ModelSpec, k: int, identity: dict, rid: str
+    ) -> dict[str, float]:
         spec = self.spec
-        entry = spec.model.entry
+        entry = model.entry
         runner_params = {"variable": self.features.X.name} if self.features.store else {}
-        est = entry.make(k, spec.model.params, **runner_params)
+        est = entry.make(k, model.params, **runner_params)
         checkpoint = self.results.read_checkpoint(name, rid) if entry.checkpoints else None
         if checkpoint is not None:
             log.info(
@@ -325,7 +416,7 @@ class _JobRunner:
                 checkpoint.start + 1,
                 checkpoint.iteration,
             )
-        progress = _Progress(name, int(spec.model.resolved().get("max_iter", 0)))
+        progress = _Progress(name, int(model.resolved().get("max_iter", 0)))
         every = spec.output.checkpoint_every
 
         def on_state(state: FitState) -> None:
@@ -344,11 +435,22 @@ class _JobRunner:
             progress.close()
         seconds = time.perf_counter() - start
         metrics = {"inertia": float(est.inertia_)}
-        metrics.update(_run_metrics(spec, est, self.features, spec.evaluate))
+        metrics.update(_run_metrics(spec, est, self.features, spec.metrics))
+        variables = {
+            "centroids": (("cluster", "feature"), est.cluster_centers_),
+            "x_mean": (("feature",), np.asarray(est._x_mean)),
+        }
+        extra: dict[str, Any] = {}
+        if self.images is not None:
+            started = time.perf_counter()
+            found, images = self.images(est.cluster_centers_)
+            metrics.update(found)
+            variables.update(images)
+            extra = {**self.images.attrs(), "image_seconds": time.perf_counter() - started}
         attrs = {
-            "algorithm": spec.model.algorithm,
+            "algorithm": model.algorithm,
             "k": k,
-            "params": spec.model.resolved(),
+            "params": model.resolved(),
             "identity": identity,
             "run_id": rid,
             "inertia": float(est.inertia_),
@@ -358,17 +460,19 @@ class _JobRunner:
             "resumed_from_iteration": -1 if checkpoint is None else checkpoint.iteration,
             "features": self.features.attrs,
             "history_attrs": dict(est.history_.attrs),
-        }
-        variables = {
-            "centroids": (("cluster", "feature"), est.cluster_centers_),
-            "x_mean": (("feature",), np.asarray(est._x_mean)),
+            **extra,
         }
         if spec.output.labels:
-            variables["labels"] = (("sample",), est.labels_)
+            variables["labels"] = ((self.features.X.dims[0],), est.labels_)
         self.results.write_run(name, variables, est.history_, attrs)
         self.results.drop_checkpoints(name)
         log.info(
-            "%s: %d iterations, inertia %.6g, %.1f s", name, est.n_iter_, est.inertia_, seconds
+            "%s: %d iterations, inertia %.6g%s, %.1f s",
+            name,
+            est.n_iter_,
+            est.inertia_,
+            f", image RMSE {metrics['image_rmse']:.4g}" if "image_rmse" in metrics else "",
+            seconds,
         )
         return metrics
 
@@ -504,9 +608,10 @@ def _run_locked(spec, scheduler, fresh, resume, performance_report) -> JobOutcom
             runner = _JobRunner(spec, features, results, client)
             outcomes: list[RunOutcome] = []
             try:
-                for k in spec.model.k:
-                    check_interrupted()
-                    outcomes.append(runner.run(k))
+                for model in spec.model.each():
+                    for k in spec.model.k:
+                        check_interrupted()
+                        outcomes.append(runner.run(model, k))
             except KeyboardInterrupt:
                 results.finish(INTERRUPTED, {"seconds": time.perf_counter() - started})
                 raise
@@ -522,6 +627,7 @@ def _run_locked(spec, scheduler, fresh, resume, performance_report) -> JobOutcom
                     sweep_table(
                         [o.k for o in done],
                         {m: [o.metrics.get(m, np.nan) for o in done] for m in names},
+                        algorithms=[o.algorithm for o in done],
                     )
                 )
             status = FAILED if len(done) < len(outcomes) else COMPLETE

@@ -189,3 +189,73 @@ def test_binary_file(tmp_path):
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(JobSpecError, match=r"cannot read the job file|not valid YAML"):
         load_job(path)
+
+
+def test_several_algorithms_share_k_and_take_the_parameters_they_have():
+    spec = parse_job(
+        with_change(
+            "model", {"algorithm": ["lloyd", "minibatch"], "k": [4, 8], "batch_size": 64}
+        )
+    )
+    assert spec.model.algorithms == ("lloyd", "minibatch")
+    lloyd, mini = spec.model.each()
+    assert lloyd.algorithm == "lloyd" and "batch_size" not in lloyd.params
+    assert mini.resolved()["batch_size"] == 64 and mini.k == (4, 8)
+    assert parse_job(spec.to_dict()).model == spec.model  # to_dict reads back
+    with pytest.raises(ValueError, match="several algorithms"):
+        spec.model.resolved()
+
+
+@pytest.mark.parametrize(
+    ("model", "key", "text"),
+    [
+        ({"algorithm": ["lloyd", "kmedoids"], "k": 4}, "model.algorithm", "'kmedoids'"),
+        ({"algorithm": ["lloyd", "lloyd"], "k": 4}, "model.algorithm", "repeated"),
+        ({"algorithm": [], "k": 4}, "model.algorithm", "a list of them"),
+        ({"algorithm": ["lloyd", "minibatch"], "k": 4, "bogus": 1}, "model.bogus", "unknown key"),
+        (
+            {"algorithm": ["lloyd", "minibatch"], "k": 4, "batch_size": 0},
+            "model.batch_size",
+            ">= 1",
+        ),
+    ],
+)
+def test_bad_algorithm_lists_name_their_key(model, key, text):
+    with pytest.raises(JobSpecError) as err:
+        parse_job(with_change("model", model))
+    assert any(k == key and text in m for k, m in err.value.problems), err.value.problems
+
+
+def test_reconstructions_need_patches():
+    job = with_change("features", {"kind": "pixels"})
+    job["evaluate"] = ["inertia"]
+    job["output"] = {"store": "r.zarr", "reconstructions": 4}
+    with pytest.raises(JobSpecError, match=r"output\.reconstructions: images are rebuilt"):
+        parse_job(job)
+    spec = parse_job(with_change("output", {"store": "r.zarr", "reconstructions": 4}))
+    assert spec.output.reconstructions == 4
+    assert spec.metrics == ("inertia", "reconstruction_error", "image_mse", "image_rmse")
+
+
+def test_sparse_coding_step_is_checked_by_its_own_rules():
+    job = with_change("evaluate", ["inertia", {"sparse_coding": {"method": "omp"}}])
+    spec = parse_job(job)
+    assert spec.sparse_coding.method == "omp"
+    assert "sparse_image_rmse" in spec.metrics
+    assert parse_job(spec.to_dict()).sparse_coding == spec.sparse_coding
+    cases = [
+        ({"method": "kmedoids"}, "evaluate.sparse_coding.method"),
+        ({"method": "omp", "n_nonzero_coefs": 0}, "evaluate.sparse_coding.n_nonzero_coefs"),
+        ({"method": "omp", "alpha": 0.1}, "evaluate.sparse_coding.alpha"),
+        ({"method": "omp", "bogus": 1}, "evaluate.sparse_coding.bogus"),
+    ]
+    for options, key in cases:
+        with pytest.raises(JobSpecError) as err:
+            parse_job(with_change("evaluate", [{"sparse_coding": options}]))
+        assert [k for k, _ in err.value.problems] == [key], err.value.problems
+    with pytest.raises(JobSpecError, match="sparse_image_rmse needs a sparse_coding step"):
+        parse_job(with_change("evaluate", ["sparse_image_rmse"]))
+    pixels = with_change("features", {"kind": "pixels"})
+    pixels["evaluate"] = [{"sparse_coding": {"method": "omp"}}]
+    with pytest.raises(JobSpecError, match=r"needs features\.kind: patches"):
+        parse_job(pixels)

@@ -93,7 +93,7 @@ KIND_ATTR = "dkm_store"
 WRITE_ID_ATTR = "dkm_write_id"
 MANIFEST_ATTR = "dkm_manifest"
 VERIFIED_ATTR = "dkm_verified"
-KINDS = ("dataset", "patches", "features", "results")
+KINDS = ("dataset", "patches", "features", "results", "reconstruction")
 _COMPLETE = "complete"
 # The marks belong to one write of one store: never copied from a Dataset read elsewhere.
 _MARKS = (STATUS_ATTR, KIND_ATTR, WRITE_ID_ATTR, MANIFEST_ATTR, VERIFIED_ATTR)
@@ -764,6 +764,8 @@ def _layout_kind(path: Path) -> str | None:
         return "dataset"
     if dims.get("features") == ("sample", "feature") and "label" in dims:
         return "dataset"  # the synthetic feature dataset
+    if {"originals", "reconstructions"} <= set(dims):
+        return "reconstruction"
     return None
 
 

@@ -41,6 +41,7 @@ class Metric:
     definition: str
     needs_labels: bool = False
     needs_patches: bool = False
+    needs_coding: bool = False
 
 
 METRICS: dict[str, Metric] = {
@@ -53,11 +54,30 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             "reconstruction_error",
-            "root mean squared error per feature when every patch is replaced by its "
-            "nearest centroid: sqrt(inertia / (n_patches * n_features)); for patches in "
-            "[0, 1] the per-pixel RMSE of the patch-dictionary reconstruction",
+            "root mean squared error per patch feature when every patch is replaced by its "
+            "nearest centroid: sqrt(inertia / (n_patches * n_features)), where n_patches "
+            "counts every patch of the images, all-zero patches left out by drop_empty "
+            "included (the null centroid rebuilds them exactly)",
             needs_patches=True,
         ),
+        Metric(
+            "image_mse",
+            "mean squared error per pixel of whole images rebuilt from their patches (each "
+            "patch replaced by its nearest centroid, all-zero patches by the null centroid "
+            "under drop_empty, overlaps averaged), pixels in [0, 1]; recorded for every "
+            "patch run",
+            needs_patches=True,
+        ),
+        Metric("image_rmse", "sqrt(image_mse)", needs_patches=True),
+        Metric(
+            "sparse_image_mse",
+            "image_mse with every patch rebuilt from its sparse code over the dictionary "
+            "(the evaluate list's sparse_coding step)",
+            needs_patches=True,
+            needs_coding=True,
+        ),
+        Metric("sparse_image_rmse", "sqrt(sparse_image_mse)", needs_patches=True,
+               needs_coding=True),
         Metric(
             "accuracy",
             "majority-vote accuracy: every cluster predicts the most frequent true label "

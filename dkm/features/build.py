@@ -59,6 +59,10 @@ class Features:
         What a results store records about the features.
     identity : dict
         What determines the features: a run is reused only when this is unchanged.
+    images : xarray.DataArray or None
+        The images the patches were cut from (the split's), for rebuilding them.
+    layout : PatchLayout or None
+        The patch layout (None for pixels and feature datasets).
     """
 
     X: xr.DataArray
@@ -67,6 +71,29 @@ class Features:
     store: Path | None
     attrs: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
+    images: xr.DataArray | None = None
+    layout: PatchLayout | None = None
+
+    @property
+    def n_vectors(self) -> int:
+        """How many vectors the images make: the rows of ``X``, plus for patches the
+        all-zero ones ``drop_empty`` left out (the null centroid rebuilds them exactly, so
+        they count, with zero error, in per-patch errors). Sampled patches count as drawn."""
+        n = int(self.X.shape[0])
+        layout = self.layout
+        if layout is None or not layout.drop_empty or layout.patches_per_image is not None:
+            return n
+        return int(self.images.shape[0]) * layout.grid(self.images.shape[1:]).per_image
+
+    @property
+    def reconstruction_layout(self) -> PatchLayout | None:
+        """How images are cut to be rebuilt from a dictionary of these patches: every
+        window (no sampling); all-zero windows go to the null centroid whenever the
+        dictionary never saw them (``drop_empty`` or sampled non-empty patches)."""
+        if self.layout is None:
+            return None
+        lay = self.layout
+        return PatchLayout(lay.size, lay.stride, lay.pad, lay.drop_empty, normalize=lay.normalize)
 
 
 def patch_store_path(
@@ -237,7 +264,9 @@ def build_features(
             cut_patches(images, layout, path, source_store=data_store, overwrite=path.exists())
     X = open_dataset(path)["patches"]
     attrs = {"kind": "patches", "image_shape": list(image_shape), "split": split, **layout.attrs()}
-    return Features(X, None, layout.tile_shape(image_shape), path, attrs, identity())
+    return Features(
+        X, None, layout.tile_shape(image_shape), path, attrs, identity(), images, layout
+    )
 
 
 def _labels(ds: xr.Dataset, index: np.ndarray | None):

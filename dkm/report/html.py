@@ -65,6 +65,45 @@ window.addEventListener("load", function () {{
 """
 
 
+def _figure(src: str, caption: str) -> str:
+    return (
+        f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+# Shown together in one figure (image error against k), not each on its own.
+_IMAGE_ERRORS = ("image_mse", "image_rmse", "sparse_image_mse", "sparse_image_rmse")
+
+
+def _sweep_figures(sweep, out: Path) -> list[tuple[str, str]]:
+    """Inertia against k, beside it the image error against k, then every other metric."""
+    figures = []
+    if "inertia" in sweep:
+        png = plots.metric_against_k(sweep, "inertia", out / "sweep-inertia.png")
+        figures.append((png.name, "inertia against k"))
+    if "image_rmse" in sweep:
+        png = plots.image_error_against_k(sweep, out / "sweep-image-error.png")
+        sparse = " (nearest centroid and sparse coding)" if "sparse_image_rmse" in sweep else ""
+        figures.append((png.name, f"image error against k{sparse}"))
+    for metric in sweep.data_vars:
+        if metric == "inertia" or metric in _IMAGE_ERRORS:
+            continue
+        png = plots.metric_against_k(sweep, metric, out / f"sweep-{metric}.png")
+        figures.append((png.name, f"{metric} against k"))
+    return figures
+
+
+def _elbow_text(sweep) -> str:
+    elbows = sweep.attrs.get("elbows")
+    if "algorithm" in sweep.dims and isinstance(elbows, dict):
+        return ", ".join(
+            f"{a}: {'k=' + str(k) if int(k) > 0 else 'none'}" for a, k in elbows.items()
+        )
+    knee = int(sweep.attrs.get("elbow_k", -1))
+    return f"k={knee}" if knee > 0 else "none"
+
+
 def write_report(store: str | Path, out: str | Path | None = None) -> Path:
     """Write PNG figures and ``index.html`` for a results store.
 
@@ -108,15 +147,16 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
 
     complete = [r for r in runs if r.status == "complete"]
     metric_names = sorted({m for r in complete for m in r.attrs.get("metrics", {})} - {"inertia"})
-    runs = [r.name for r in complete]
     rows, histories, figures = [], {}, []
-    for name in runs:
+    for info in complete:
+        name = info.name
         run = results.read_run(name)
         histories[name] = results.read_history(name).load()
         metrics = run.attrs.get("metrics", {})
         rows.append(
             [
                 name,
+                info.algorithm,
                 run.attrs.get("k"),
                 run.attrs.get("n_iter"),
                 run.attrs.get("inertia"),
@@ -124,7 +164,7 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
                 run.attrs.get("seconds"),
             ]
         )
-        shape = _tile_shape(attrs)
+        shape = _tile_shape(run.attrs) or _tile_shape(attrs)
         if shape is not None and int(np.prod(shape)) == run.sizes["feature"]:
             png = plots.centroid_tiles(
                 run["centroids"].values,
@@ -133,26 +173,41 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
                 title=f"centroids of {name}",
             )
             figures.append((png.name, f"Centroids of {name}"))
-    if runs:
+        if "originals" in run and "reconstructions" in run:
+            png = plots.reconstruction_grid(
+                run["originals"].values,
+                run["reconstructions"].values,
+                out / f"reconstructions-{name}.png",
+                n=run.sizes["image"],
+                title=f"{name}: originals (above) and nearest-centroid reconstructions",
+            )
+            figures.append((png.name, f"Originals and reconstructions of {name}"))
+        if "originals" in run and "sparse_reconstructions" in run:
+            png = plots.reconstruction_grid(
+                run["originals"].values,
+                run["sparse_reconstructions"].values,
+                out / f"sparse-reconstructions-{name}.png",
+                n=run.sizes["image"],
+                title=f"{name}: originals (above) and sparse-coding reconstructions",
+            )
+            figures.append((png.name, f"Originals and sparse-coding reconstructions of {name}"))
+    if complete:
         parts.append("<h2>Runs</h2>")
-        parts.append(_table(["run", "k", "iterations", "inertia", *metric_names, "seconds"], rows))
+        header = ["run", "algorithm", "k", "iterations", "inertia", *metric_names, "seconds"]
+        parts.append(_table(header, rows))
         png = plots.inertia_curves(histories, out / "inertia-by-iteration.png")
         figures.insert(0, (png.name, "Inertia against iteration"))
 
     sweep = results.read_sweep()
     if sweep is not None:
-        for metric in sweep.data_vars:
-            png = plots.metric_against_k(sweep, metric, out / f"sweep-{metric}.png")
-            figures.insert(0, (png.name, f"{metric} against k"))
-        knee = sweep.attrs.get("elbow_k", -1)
-        parts.append(f"<p>Elbow of inertia against k: <b>{knee if knee > 0 else 'none'}</b>.</p>")
+        parts.append("<h2>Sweep</h2>")
+        parts.append(
+            f"<p>Elbow of inertia against k: <b>{html.escape(_elbow_text(sweep))}</b>.</p>"
+        )
+        parts += [_figure(src, cap) for src, cap in _sweep_figures(sweep, out)]
 
     parts.append("<h2>Figures</h2>")
-    parts += [
-        f'<figure><img src="{html.escape(src)}" alt="{html.escape(cap)}">'
-        f"<figcaption>{html.escape(cap)}</figcaption></figure>"
-        for src, cap in figures
-    ]
+    parts += [_figure(src, cap) for src, cap in figures]
     parts.append("<h2>Job</h2><pre>" + html.escape(json.dumps(job, indent=2)) + "</pre>")
     page = out / "index.html"
     page.write_text(_PAGE.format(title=html.escape(title), body="\n".join(parts)))

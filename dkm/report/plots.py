@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -14,7 +15,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
-__all__ = ["centroid_tiles", "inertia_curves", "metric_against_k"]
+__all__ = [
+    "centroid_tiles",
+    "image_error_against_k",
+    "inertia_curves",
+    "metric_against_k",
+    "reconstruction_grid",
+]
 
 
 def centroid_tiles(
@@ -62,34 +69,197 @@ def centroid_tiles(
 
 
 def inertia_curves(histories: Mapping[str, xr.Dataset], path: str | Path) -> Path:
-    """Inertia against iteration, one line per run."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, hist in histories.items():
-        ax.plot(np.arange(1, hist.sizes["iteration"] + 1), hist["inertia"].values, label=name)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("inertia")
-    ax.set_yscale("log")
-    if len(histories) <= 12:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    """Inertia against iteration, one line per run.
+
+    Full-pass runs (Lloyd) record the inertia of every iteration; mini-batch runs record the
+    smoothed inertia per sample of their batches (``ewa_inertia``), on another scale, so
+    those are drawn on a second axes beside the first.
+    """
+    panels = [
+        ("inertia", "iteration", "inertia"),
+        ("ewa_inertia", "mini-batch step", "smoothed batch inertia per sample"),
+    ]
+    drawn = [
+        (var, xlabel, ylabel, {n: h for n, h in histories.items() if var in h})
+        for var, xlabel, ylabel in panels
+    ]
+    drawn = [panel for panel in drawn if panel[3]] or [(*panels[0], {})]
+    fig, axes = plt.subplots(1, len(drawn), figsize=(6 * len(drawn), 4), squeeze=False)
+    for ax, (var, xlabel, ylabel, runs) in zip(axes[0], drawn, strict=True):
+        for name, hist in runs.items():
+            ax.plot(np.arange(1, hist.sizes["iteration"] + 1), hist[var].values, label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        if 0 < len(runs) <= 12:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+_Line = tuple[str | None, np.ndarray, np.ndarray]
+
+
+def _by_algorithm(sweep: xr.Dataset, metric: str) -> list[_Line]:
+    """``(algorithm, k, values)`` per line of a sweep: one per algorithm when the sweep has an
+    ``algorithm`` dim (the k an algorithm did not run, NaN, left out), else one unnamed line."""
+    k = sweep["k"].values
+    if "algorithm" not in sweep[metric].dims:
+        values = sweep[metric].values.astype(float)
+        keep = np.isfinite(values)
+        return [(None, k[keep], values[keep])]
+    lines = []
+    for algorithm in sweep["algorithm"].values:
+        values = sweep[metric].sel(algorithm=algorithm).values.astype(float)
+        keep = np.isfinite(values)
+        if keep.any():
+            lines.append((str(algorithm), k[keep], values[keep]))
+    return lines
+
+
+def _elbows(sweep: xr.Dataset) -> dict[str | None, int]:
+    """The inertia elbow of each algorithm (``attrs["elbows"]``), or of the one-algorithm
+    sweep (``attrs["elbow_k"]``); algorithms without one are left out."""
+    found = sweep.attrs.get("elbows")
+    if "algorithm" in sweep.dims and isinstance(found, dict):
+        return {str(a): int(k) for a, k in found.items() if int(k) > 0}
+    knee = int(sweep.attrs.get("elbow_k", -1))
+    return {None: knee} if knee > 0 else {}
+
+
+def _k_axis(ax: plt.Axes, sweep: xr.Dataset) -> None:
+    k = sweep["k"].values
+    if len(k) and k.max() / max(k.min(), 1) >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (clusters)")
+    ax.grid(alpha=0.3)
 
 
 def metric_against_k(sweep: xr.Dataset, metric: str, path: str | Path) -> Path:
-    """A metric against k, with the elbow marked when the sweep has one."""
+    """A metric against k, one line per algorithm, with each inertia elbow marked.
+
+    Parameters
+    ----------
+    sweep : xarray.Dataset
+        The sweep table: dims ``(algorithm, k)``, or ``k`` alone (one algorithm).
+    metric : str
+        One of its variables.
+    path : path-like
+        The PNG to write.
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
-    k = sweep["k"].values
-    ax.plot(k, sweep[metric].values, "o-")
-    if k.max() / max(k.min(), 1) >= 8:
-        ax.set_xscale("log", base=2)
-    knee = int(sweep.attrs.get("elbow_k", -1))
-    if knee in k and metric == "inertia":
-        ax.axvline(knee, color="tab:red", linestyle="--", label=f"elbow k={knee}")
-        ax.legend()
-    ax.set_xlabel("k (clusters)")
+    elbows = _elbows(sweep) if metric == "inertia" else {}
+    for i, (algorithm, k, values) in enumerate(_by_algorithm(sweep, metric)):
+        color = f"C{i}"
+        ax.plot(k, values, "o-", color=color, label=algorithm)
+        knee = elbows.get(algorithm, -1)
+        if knee in k:
+            who = f"{algorithm} " if algorithm else ""
+            ax.axvline(knee, color=color, linestyle="--", label=f"{who}elbow k={knee}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    _k_axis(ax, sweep)
     ax.set_ylabel(metric.replace("_", " "))
-    ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def image_error_against_k(sweep: xr.Dataset, path: str | Path) -> Path:
+    """Per-pixel RMSE of the reconstructed images against k, one colour per algorithm:
+    nearest-centroid reconstruction (``image_rmse``, solid) and, when the sweep has it,
+    sparse coding over the same dictionary (``sparse_image_rmse``, dashed).
+
+    Parameters
+    ----------
+    sweep : xarray.Dataset
+        The sweep table with ``image_rmse`` (and optionally ``sparse_image_rmse``).
+    path : path-like
+        The PNG to write.
+    """
+    if "image_rmse" not in sweep:
+        raise ValueError("the sweep has no image_rmse")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = [("image_rmse", "o-", "nearest centroid"), ("sparse_image_rmse", "s--", "sparse")]
+    for metric, style, how in styles:
+        if metric not in sweep:
+            continue
+        for i, (algorithm, k, values) in enumerate(_by_algorithm(sweep, metric)):
+            label = how if algorithm is None else f"{algorithm}, {how}"
+            ax.plot(k, values, style, color=f"C{i}", label=label)
+    ax.legend(fontsize=8)
+    _k_axis(ax, sweep)
+    ax.set_ylabel("image RMSE per pixel")
+    return _save(fig, path)
+
+
+def reconstruction_grid(
+    originals: Any,
+    reconstructions: Any,
+    path: str | Path,
+    *,
+    n: int = 16,
+    title: str = "",
+    columns: int = 8,
+) -> Path:
+    """Originals above their reconstructions: rows of up to ``columns`` images, each row of
+    originals followed by the row of their reconstructions.
+
+    Parameters
+    ----------
+    originals, reconstructions : array-like (image, y, x[, channel])
+        Pixels in [0, 1] (reconstructions are clipped to it; NaN, a pixel no patch covers,
+        is drawn blank). One channel is drawn in gray, three as colour.
+    path : path-like
+        The PNG to write.
+    n : int, default 16
+        Draw the first ``n`` images (all when there are fewer).
+    title : str, optional
+        Drawn above the grid.
+    columns : int, default 8
+        Images per row.
+    """
+    originals = np.asarray(originals)[:n]
+    reconstructions = np.asarray(reconstructions)[:n]
+    if originals.shape != reconstructions.shape:
+        raise ValueError(
+            f"originals {originals.shape} and reconstructions {reconstructions.shape} differ"
+        )
+    if originals.ndim not in (3, 4) or len(originals) == 0:
+        raise ValueError(f"expected (image, y, x[, channel]) images, got {originals.shape}")
+    shown = len(originals)
+    cols = min(columns, shown)
+    pairs = math.ceil(shown / cols)
+    height, width = originals.shape[1:3]
+    cell = 1.0  # inches per image, whatever its pixels: 100 px at the dpi of _save
+    fig, axes = plt.subplots(
+        2 * pairs,
+        cols,
+        figsize=(cols * cell * width / max(height, width) + 1.2, 2 * pairs * cell + 0.6),
+        squeeze=False,
+    )
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for i in range(shown):
+        row, col = divmod(i, cols)
+        for offset, image in ((0, originals[i]), (1, reconstructions[i])):
+            _draw(axes[2 * row + offset, col], image)
+    for row in range(pairs):
+        axes[2 * row, 0].set_ylabel("original", fontsize=7)
+        axes[2 * row + 1, 0].set_ylabel("reconstructed", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _draw(ax: plt.Axes, image: np.ndarray) -> None:
+    image = np.clip(image.astype(np.float32), 0, 1)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3:  # RGB: imshow has no vmin/vmax for colour, NaN must not reach it
+        ax.imshow(np.nan_to_num(image, nan=1.0), interpolation="nearest")
+    else:
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:

@@ -4,14 +4,20 @@ One Zarr v3 store per job::
 
     STORE/                      attrs: dkm_store=results, job spec, status, owner, versions,
                                 cluster, timings
-      runs/<algorithm>-k<k>/    centroids(cluster, feature), x_mean(feature), labels(sample)
-                                when asked; attrs: status (complete or failed), identity,
-                                run_id, k, params, inertia, n_iter, metrics, timings, error
+      runs/<algorithm>-k<k>/    centroids(cluster, feature), x_mean(feature), labels(sample
+                                or patch) when asked; patch runs also image_mse(sample),
+                                originals / reconstructions(image, y, x[, channel]) for the
+                                first output.reconstructions images, sparse_image_mse and
+                                sparse_reconstructions with a sparse_coding step,
+                                codes_index / codes_weight(patch, nonzero) when asked;
+                                attrs: status (complete or failed), identity, run_id, k,
+                                params, inertia, n_iter, metrics, timings, error
         history/                inertia, center_shift, n_moved, seconds, ... over iteration
       checkpoints/<run>/slot-0  the fit's state (see dkm.results.checkpoints), two slots
       checkpoints/<run>/slot-1  written in turn, so a kill while writing one never damages
                                 the other
-      sweep/                    inertia and metrics over k; attrs: elbow_k
+      sweep/                    inertia and metrics over (algorithm, k); attrs: elbow_k
+                                (first algorithm), elbows (each algorithm)
 
 Every group is stamped ``status: complete`` only after all of its data is written; readers
 trust nothing else. This class is the only code that reads or writes a results store; the
@@ -404,8 +410,9 @@ class ResultsStore:
         except Exception as err:  # zarr and xarray raise many kinds on damaged metadata
             raise StoreError(f"{self.path}/runs/{name}: damaged ({err})") from err
         # The model's arrays are small: read them now, so damage is a StoreError naming the
-        # chunk rather than a bare codec error later. Labels (one per sample) stay lazy.
-        for var in [v for v in ds.data_vars if v != "labels"]:
+        # chunk rather than a bare codec error later. Labels and codes (one per vector) stay
+        # lazy.
+        for var in [v for v in ds.data_vars if v not in _PER_VECTOR]:
             try:
                 ds.variables[var].load()
             except Exception as err:
@@ -599,6 +606,10 @@ class ResultsStore:
         self.check()
         if self.exists():
             shutil.rmtree(self.path)
+
+
+# Run arrays with one entry per clustered vector: read lazily.
+_PER_VECTOR = ("labels", "codes_index", "codes_weight")
 
 
 def as_variables(**arrays: Any) -> dict[str, tuple[tuple[str, ...], Any]]:

@@ -71,7 +71,9 @@ def sweep_table(
     else:
         names = list(dict.fromkeys(algorithms))
         grid = np.asarray(sorted(set(int(k) for k in ks)), dtype=np.int64)
-        ds = xr.Dataset(coords={"algorithm": names, "k": grid})
+        # Object strings are stored as Zarr v3's variable-length strings (fixed-width
+        # unicode has no v3 specification yet).
+        ds = xr.Dataset(coords={"algorithm": np.array(names, dtype=object), "k": grid})
         for metric, values in metrics.items():
             table = np.full((len(names), len(grid)), np.nan)
             for algo, k, value in zip(algorithms, ks, values, strict=True):
