@@ -151,3 +151,70 @@ def test_kmeans_plusplus_init_matches_sklearn_quality(threaded_client):
     # After Lloyd the well-separated blobs are found exactly: inertia far below any seeding.
     assert km.inertia_ < ref
     assert km.inertia_ == pytest.approx(_inertia(X, km.cluster_centers_), rel=1e-5)
+
+
+def test_kmeans_parallel_large_k_beats_sklearn_plusplus(threaded_client):
+    """At k=256 (a reclustering of about 2500 weighted candidates) the init is better than
+    scikit-learn's greedy k-means++ on the data, is reproducible and ignores the chunking."""
+    X, _ = make_blobs(20_000, n_features=8, centers=400, cluster_std=1.0, random_state=0)
+    X = X.astype(np.float32)
+    k = 256
+    ours = []
+    for seed in range(3):
+        a, info = kmeans_parallel(da.from_array(X, chunks=7_000), k, random_state=seed)
+        assert a.shape == (k, 8) and info["n_candidates"] > 4 * k
+        ours.append(_inertia(X, a))
+        if seed == 0:
+            b, _ = kmeans_parallel(da.from_array(X, chunks=20_000), k, random_state=seed)
+            c, _ = kmeans_parallel(da.from_array(X, chunks=7_000), k, random_state=seed)
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(a, c)
+    ref = [_inertia(X, kmeans_plusplus(X, k, random_state=s)[0]) for s in range(3)]
+    # Measured: about 0.74x scikit-learn's inertia on every seed.
+    assert max(ours) < min(ref)
+
+
+def test_weighted_kmeans_pp_draws_from_the_current_distribution():
+    """The centre drawn inside a block (with rejection) follows ``w * D^2`` of *all* centres
+    so far, including the ones drawn earlier in the same block.
+
+    With 9 centres chosen, the 10th is the second of a block of two. For each run, the
+    probability that it lands among the rows nearest to the 9th centre is computed exactly;
+    the observed frequency must match the mean of those probabilities (a sampler that used
+    the block's stale distances would land there far more often).
+    """
+    from dkm.kmeans.init import weighted_kmeans_pp
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2)).astype(np.float32)
+    w = rng.integers(1, 5, size=40).astype(np.float64)
+    hits, probs = [], []
+    for seed in range(1500):
+        idx = weighted_kmeans_pp(x, w, 10, np.random.default_rng(seed))
+        assert len(set(idx.tolist())) == 10
+        prev = x[idx[:9]].astype(np.float64)
+        d2 = ((x[:, None, :].astype(np.float64) - prev[None]) ** 2).sum(-1)
+        near_last = d2.argmin(1) == 8
+        p = w * d2.min(1)
+        probs.append(p[near_last].sum() / p.sum())
+        hits.append(bool(near_last[idx[9]]))
+    mean_p = np.mean(probs)
+    sd = np.sqrt(mean_p * (1 - mean_p) / len(hits))
+    assert abs(np.mean(hits) - mean_p) < 4 * sd
+
+
+def test_recluster_is_reproducible_and_improves_on_its_seeding():
+    from dkm.kmeans.init import recluster
+
+    X, _ = make_blobs(5_000, n_features=4, centers=60, random_state=2)
+    w = np.random.default_rng(1).integers(1, 10, size=len(X)).astype(np.float64)
+
+    def cost(c):
+        d2 = ((X[:, None, :] - c[None]) ** 2).sum(-1).min(1)
+        return float((w * d2).sum())
+
+    a = recluster(X, w, 50, seed=3)
+    np.testing.assert_array_equal(a, recluster(X, w, 50, seed=3))
+    assert not np.allclose(a, recluster(X, w, 50, seed=4))
+    seeding = recluster(X, w, 50, seed=3, max_iter=0)
+    assert cost(a) < cost(seeding)
