@@ -23,6 +23,7 @@ _API = {
     "JobSpec": "dkm.jobs",
     "load_job": "dkm.jobs",
     "parse_job": "dkm.jobs",
+    "GaussianMixture": "dkm.mixture",
     "KMeans": "dkm.kmeans",
     "MiniBatchKMeans": "dkm.kmeans",
     "kmeans_parallel": "dkm.kmeans",
@@ -34,6 +35,7 @@ _API = {
 
 __all__ = [
     "DATASETS",
+    "GaussianMixture",
     "JobSpec",
     "KMeans",
     "MiniBatchKMeans",
