@@ -8,6 +8,7 @@ module, never a module-level constant, so one place owns each value.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import dask.config
 import yaml
 from dask.utils import parse_bytes, parse_timedelta
 
-__all__ = ["get", "get_bytes", "get_seconds"]
+__all__ = ["get", "get_bytes", "get_fraction", "get_seconds"]
 
 _DEFAULTS_FILE = Path(__file__).with_name("dkm.yaml")
 dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))
@@ -46,3 +47,15 @@ def get_seconds(key: str) -> float:
         raise ValueError(
             f"dask config dkm.{key}: expected a duration such as 10s, got {value!r}"
         ) from err
+
+
+def get_fraction(key: str) -> float:
+    """A share setting: a number from 0 to 1 (e.g. ``get_fraction("blocks.cache-fraction")``)."""
+    value = get(key)
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = math.nan
+    if not 0 <= share <= 1:
+        raise ValueError(f"dask config dkm.{key}: expected a number from 0 to 1, got {value!r}")
+    return share

@@ -10,6 +10,11 @@ Rules (also in the estimators' docstrings):
 - NaN/inf rows are counted in the first pass and the fit fails naming how many rows.
 - Data is persisted on the cluster once when it fits in half of the cluster memory; a Zarr
   input that does not fit is streamed from the store every iteration instead.
+- Blocks follow the source chunks, but a matrix in fewer chunks than two per worker thread
+  (e.g. a patch store in one Zarr chunk) is cut into at least two blocks per thread, rows in
+  the same order, spread over the workers by their threads.
+- Fits of one client on the same dkm Zarr store (a sweep) share its persisted blocks: the
+  store is read once (:class:`BlockCache`, ``dkm.blocks.cache-fraction``).
 - On a cluster whose workers have a memory limit, blocks are sized from it: a block plus the
   kernels' working memory stays within ``dkm.blocks.memory-fraction`` of the smallest
   worker's limit per thread (and within half of what the worker process leaves free below
@@ -24,6 +29,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +96,7 @@ class Blocks:
     streamed: bool = False
     stats: dict = field(default_factory=dict)
     shift: np.ndarray | None = None  # mean subtracted from the rows (working dtype)
+    from_cache: bool = False  # the blocks were loaded by an earlier fit (see BlockCache)
 
     @property
     def nblocks(self) -> int:
@@ -226,12 +233,16 @@ def _row_splits(
     nthreads: int,
     target_bytes: int | None = None,
     max_bytes: int | None = None,
+    min_rows: int = 1,
 ) -> list[tuple[int, int]]:
-    """Block boundaries: source chunks, merged when tiny and numerous, split when huge.
+    """Block boundaries: source chunks, merged when tiny and numerous, split when huge or few.
 
     Per-task overhead dominates small blocks, so many small chunks are merged; blocks above
     ``dkm.blocks.max-bytes`` (or ``max_bytes`` when smaller, e.g. from the workers' memory)
-    are split. Merged blocks never grow past that bound.
+    are split. Merged blocks never grow past that bound. When there are fewer blocks than
+    two per thread, they are split (rows in the same order) into at least two per thread
+    but no smaller than ``min_rows`` rows: a matrix in one Zarr chunk keeps every thread
+    busy.
     """
     target_bytes = min(config.get_bytes("blocks.target-bytes"), target_bytes or np.inf)
     max_bytes = min(config.get_bytes("blocks.max-bytes"), max_bytes or np.inf)
@@ -249,9 +260,18 @@ def _row_splits(
             if b - merged[-1] >= target or b == n or grows_past:
                 merged.append(int(b))
         bounds = np.array(merged)
+    # Fewer blocks than two per thread (a matrix in one or a few chunks) would leave threads
+    # idle every pass (measured: a one-chunk patch matrix ran Lloyd on one of two workers,
+    # 2x the in-process time): cut each block in proportion to its rows, so that there are
+    # at least two per thread, of at least ``min_rows`` rows each.
+    short = len(bounds) - 1 < 2 * nthreads
+    share = n / (2 * nthreads)
     out = []
     for a, b in itertools.pairwise(bounds.tolist()):
         pieces = max(1, math.ceil((b - a) / max_rows))
+        if short:
+            balanced = min(math.ceil((b - a) / share), (b - a) // max(1, min_rows))
+            pieces = max(pieces, balanced)
         edges = np.linspace(a, b, pieces + 1).astype(int)
         out.extend(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
     return out
@@ -409,7 +429,9 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
     tasks whether it is streamed or persisted (one chunk at a time, and the workers never
     import xarray or dask.array, ~150 MB each). Persisted blocks are spread over the workers
     without worker restrictions, so that a fit whose workers are all replaced recomputes them
-    instead of waiting forever.
+    instead of waiting forever. Blocks persisted from a dkm store are kept in
+    :data:`BLOCK_CACHE` for the client's next fit on the same store (``from_cache`` is then
+    set on the returned blocks).
     """
     n, d = source.shape
     dtype = source.dtype
@@ -432,7 +454,12 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
     if isinstance(arr, np.ndarray):
         splits = _split_numpy(n, per_row, backend.nthreads, limit)
     else:
-        splits = _row_splits(arr.chunks[0], per_row, backend.nthreads, limit, limit)
+        min_rows = min(n, MIN_BLOCK_ROWS)
+        if stream:
+            # Every pass decodes the chunks of a streamed block: a quarter chunk at least.
+            chunk_rows, _ = _zarr_chunk(source.store, source.variable)
+            min_rows = max(min_rows, -(-chunk_rows // MAX_READ_AMPLIFICATION))
+        splits = _row_splits(arr.chunks[0], per_row, backend.nthreads, limit, limit, min_rows)
     if limit is not None and limit < config.get_bytes("blocks.target-bytes"):
         log.debug(
             "blocks of at most %.1f MiB (%d blocks) for the memory limit: %s",
@@ -443,12 +470,22 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
     starts = np.array([a for a, _ in splits], dtype=np.int64)
     sizes = np.array([b - a for a, b in splits], dtype=np.int64)
 
+    if from_zarr and not stream and backend.is_distributed:
+        cached = BLOCK_CACHE.lookup(backend, source, splits)
+        if cached is not None:
+            splits, handles = cached
+            starts = np.array([a for a, _ in splits], dtype=np.int64)
+            sizes = np.array([b - a for a, b in splits], dtype=np.int64)
+            return Blocks(backend, handles, starts, sizes, n, d, dtype, from_cache=True)
+
     if from_zarr:
         handles = [
             kernels.ZarrRows(source.store, source.variable, a, b, dtype.str) for a, b in splits
         ]
         if not stream:
             handles = backend.load_spread(handles, sizes.tolist(), Keys.new())
+            if backend.is_distributed:
+                BLOCK_CACHE.store(backend, source, splits, handles, workers)
     elif isinstance(arr, np.ndarray):
         parts = [kernels.as_block(arr[a:b], dtype) for a, b in splits]
         if backend.is_distributed:
@@ -473,6 +510,199 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
             sched = "sync" if isinstance(backend, LocalBackend) and backend.nthreads == 1 else None
             handles = list(dask.compute(*aug, scheduler=sched or "threads"))
     return Blocks(backend, handles, starts, sizes, n, d, dtype, streamed=stream)
+
+
+# ------------------------------------------------------------------- the sweep's blocks
+
+
+@dataclass
+class _Entry:
+    """Persisted raw blocks of one store variable, as loaded by a fit."""
+
+    splits: list[tuple[int, int]]
+    handles: list  # futures of the blocks as read (never centered: centering makes copies)
+    nbytes: int
+
+
+@dataclass
+class _ClientEntries:
+    client: Any
+    generation: Any
+    entries: dict = field(default_factory=dict)  # key -> _Entry, least recently used first
+
+
+class BlockCache:
+    """Persisted blocks of Zarr feature stores, shared by the fits of one client (a sweep).
+
+    A sweep fits several estimators on the same store one after another; without this each
+    fit would read the store again and hold it twice while the previous fit's blocks are
+    released. The blocks are cached as read, before centering: :func:`center` and the
+    k-means|| first round map the blocks to new, centered ones and never write into them,
+    so every fit starts from the same rows as a fresh load.
+
+    An entry is keyed by the store path, its write identity (``dkm_write_id``: a rewritten
+    store misses), the variable and the working dtype. It is reused when its blocks are no
+    larger than the blocks a fresh load would make (so within the workers' memory limits)
+    and there are at least as many as a fresh load would make, up to two per thread. Only
+    stores dkm wrote are cached: another Zarr store can be rewritten in place with nothing
+    that says so.
+
+    The cache holds at most ``dkm.blocks.cache-fraction`` of the memory the workers have
+    below their pause threshold (least recently used entries go first; 0 turns caching
+    off); it is dropped when the client is closed or restarted, or when a cached block was
+    lost and cannot be recomputed. A fit holds the centered blocks beside the cached ones,
+    which is why the share is half of ``dkm.blocks.persist-fraction`` by default.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._clients: dict[int, _ClientEntries] = {}
+        self.hits = 0
+        self.misses = 0
+
+    # -- what callers use
+
+    def lookup(self, backend: Backend, source: Source, splits: list) -> tuple | None:
+        """``(splits, handles)`` of cached blocks usable instead of ``splits``, or None.
+
+        The handles are moved to spread them over the current workers if needed (workers
+        may have come and gone since they were loaded).
+        """
+        key = _cache_key(source)
+        if key is None or config.get_fraction("blocks.cache-fraction") <= 0:
+            return None
+        with self._lock:
+            self._purge()
+            mine = self._clients.get(id(backend.client))
+            entry = mine.entries.pop(key, None) if mine is not None else None
+            if entry is not None and _usable(entry, splits, backend.nthreads):
+                mine.entries[key] = entry  # most recently used last
+            else:
+                if entry is not None:
+                    log.debug("cached blocks of %s do not fit this fit's block plan", key[0])
+                self.misses += 1
+                return None
+            self.hits += 1
+        sizes = [b - a for a, b in entry.splits]
+        entry.handles = backend.spread(entry.handles, sizes, Keys.new()("data", "place"))
+        log.info(
+            "reusing %d blocks of %s (%s) loaded by an earlier fit on this client",
+            len(entry.handles),
+            source.store,
+            source.variable,
+        )
+        return list(entry.splits), list(entry.handles)
+
+    def store(
+        self,
+        backend: Backend,
+        source: Source,
+        splits: list,
+        handles: list,
+        workers: list[WorkerMemory] | None,
+    ) -> bool:
+        """Keep freshly loaded blocks for the next fit if the budget allows; True if kept."""
+        key = _cache_key(source)
+        if key is None:
+            return False
+        nbytes = source.shape[0] * source.shape[1] * source.dtype.itemsize
+        budget = _cache_budget(backend, workers)
+        with self._lock:
+            self._purge()
+            client = backend.client
+            mine = self._clients.setdefault(
+                id(client), _ClientEntries(client, getattr(client, "generation", None))
+            )
+            # A rewritten store (another write id) or another plan replaces the old entry.
+            for old in [k for k in mine.entries if k[0] == key[0]]:
+                del mine.entries[old]
+            if nbytes > budget:
+                log.debug("not caching %s: %d bytes over the cache budget", key[0], nbytes)
+                return False
+            while mine.entries and _total(mine) + nbytes > budget:
+                mine.entries.pop(next(iter(mine.entries)))
+            mine.entries[key] = _Entry(list(splits), list(handles), nbytes)
+            return True
+
+    def info(self, client=None) -> dict:
+        """``{"hits", "misses", "entries", "nbytes"}``; entries and bytes of one client
+        (every client when None)."""
+        with self._lock:
+            self._purge()
+            held = [c for c in self._clients.values() if client is None or c.client is client]
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "entries": sum(len(c.entries) for c in held),
+                "nbytes": sum(_total(c) for c in held),
+            }
+
+    def clear(self, client=None) -> None:
+        """Release the cached blocks of ``client`` (of every client when None)."""
+        with self._lock:
+            if client is None:
+                self._clients.clear()
+            else:
+                self._clients.pop(id(client), None)
+
+    # -- internals
+
+    def _purge(self) -> None:
+        """Forget clients that were closed or restarted, and entries with a lost block."""
+        for cid, mine in list(self._clients.items()):
+            client = mine.client
+            gone = getattr(client, "status", "running") in ("closing", "closed")
+            if gone or getattr(client, "generation", None) != mine.generation:
+                del self._clients[cid]
+                continue
+            for key, entry in list(mine.entries.items()):
+                if any(f.status in ("cancelled", "error") for f in entry.handles):
+                    del mine.entries[key]
+
+
+BLOCK_CACHE = BlockCache()
+
+
+def _cache_key(source: Source) -> tuple | None:
+    """``(store, write id, variable, dtype)``, or None for a store without a dkm write id."""
+    from dkm.data.store import WRITE_ID_ATTR, StoreError, read_attrs
+
+    if source.store is None:
+        return None
+    try:
+        write_id = read_attrs(source.store).get(WRITE_ID_ATTR)
+    except StoreError:
+        return None
+    if not isinstance(write_id, str) or not write_id:
+        return None
+    path = str(Path(source.store).resolve())
+    return (path, write_id, source.variable, source.dtype.str)
+
+
+def _usable(entry: _Entry, splits: list, nthreads: int) -> bool:
+    """Cached blocks no larger than a fresh plan's, and as many (up to two per thread)."""
+    if entry.splits[-1][1] != splits[-1][1]:
+        return False
+    largest = max(b - a for a, b in entry.splits)
+    wanted = min(len(splits), 2 * nthreads)
+    return largest <= max(b - a for a, b in splits) and len(entry.splits) >= wanted
+
+
+def _total(mine: _ClientEntries) -> int:
+    return sum(e.nbytes for e in mine.entries.values())
+
+
+def _cache_budget(backend: Backend, workers: list[WorkerMemory] | None) -> float:
+    """``dkm.blocks.cache-fraction`` of what the workers have below their pause threshold."""
+    fraction = config.get_fraction("blocks.cache-fraction")
+    if fraction <= 0:
+        return 0.0
+    if workers and all(w.limit for w in workers):
+        pause = memory_pause_fraction()
+        return fraction * sum(max(0, pause * w.limit - w.unmanaged) for w in workers)
+    if backend.memory:
+        return fraction * backend.memory
+    return math.inf  # workers without a memory limit: nothing to measure against
 
 
 def compute_stats(blocks: Blocks, seed: int, keys: Keys) -> dict:
