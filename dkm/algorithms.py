@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dkm.kmeans import KMeans, MiniBatchKMeans
+from dkm.mixture import GaussianMixture
 
 __all__ = ["ALGORITHMS", "Algorithm", "get"]
 
@@ -74,6 +75,13 @@ ALGORITHMS: dict[str, Algorithm] = {
     for a in (
         Algorithm("lloyd", KMeans, "k-means with Lloyd iterations (dkm.KMeans)", checkpoints=True),
         Algorithm("minibatch", MiniBatchKMeans, "mini-batch k-means (dkm.MiniBatchKMeans)"),
+        Algorithm(
+            "gmm",
+            GaussianMixture,
+            "Gaussian mixture fitted by EM (dkm.GaussianMixture)",
+            k_param="n_components",
+            checkpoints=True,
+        ),
     )
 }
 

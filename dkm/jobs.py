@@ -397,14 +397,17 @@ def _evaluate(found: _Problems, raw: Any, kind: str) -> tuple[tuple[str, ...], A
     if not isinstance(entries, list):
         found.add("evaluate", f"expected {expected}, got {short_repr(raw)}")
         return (), None
-    names, coding = [], None
+    names, coding, bad = [], None, []
     for entry in entries:
         if isinstance(entry, Mapping):
             coding = _sparse_coding(found, entry, kind, coding)
         elif isinstance(entry, str):
             names.append(entry)
         else:
-            found.add("evaluate", f"expected {expected}, got {short_repr(entry)}")
+            bad.append(entry)
+    if bad:  # one line however many: the list may be a YAML alias bomb
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        found.add("evaluate", f"expected {expected}, got {short_repr(bad[0])}{more}")
     for metric in names:
         info = evaluate.METRICS.get(metric)
         if info is None:

@@ -19,12 +19,14 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dask
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from dkm import config, evaluate
 from dkm._parallel.backend import describe_worker_loss
@@ -218,10 +220,14 @@ class _Progress:
     def __call__(self, state: FitState) -> None:
         if self.live and state.iteration > 0:
             hist = state.history
+            shown = " ".join(
+                f"{name.replace('center_', '')} {float(hist[name][-1]):.6g}"
+                for name in ("inertia", "center_shift", "lower_bound")
+                if len(hist.get(name, ())) > 0
+            )
             self.stream.write(
                 f"\r{self.name}: start {state.start + 1} iteration {state.iteration}/{self.total} "
-                f"inertia {float(hist['inertia'][-1]):.6g} "
-                f"shift {float(hist['center_shift'][-1]):.3g}   "
+                f"{shown}   "
             )
             self.stream.flush()
 
@@ -250,13 +256,36 @@ def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, flo
             labels_pred = est.predict(features.X)
     return evaluate.compute_metrics(
         names,
-        inertia=float(est.inertia_),
+        inertia=float(getattr(est, "inertia_", np.nan)),  # k-means only
         n_samples=features.n_vectors,
         n_features=features.X.shape[1],
         labels_true=features.labels,
         labels_pred=labels_pred,
-        n_clusters=est.n_clusters,
+        n_clusters=_n_clusters(est),
     )
+
+
+def _n_clusters(est) -> int:
+    return int(getattr(est, "n_clusters", None) or est.n_components)
+
+
+def _dictionary(est) -> np.ndarray:
+    """The vectors a model rebuilds patches from: centroids, or a mixture's means."""
+    centers = getattr(est, "cluster_centers_", None)
+    return centers if centers is not None else est.means_
+
+
+def _model_metrics(est, X, n_samples: int) -> dict[str, float]:
+    """The scores every run of a model family records: k-means inertia; a mixture's lower
+    bound, BIC and AIC (from one scoring pass over the data, as scikit-learn defines them)."""
+    summary = est._stored_summary()
+    out = {m: summary[m] for m in ("inertia", "lower_bound") if m in summary}
+    if hasattr(est, "bic"):
+        log_likelihood = float(est.score(X)) * n_samples
+        n_params = est._n_parameters()
+        out["bic"] = -2 * log_likelihood + n_params * np.log(n_samples)
+        out["aic"] = -2 * log_likelihood + 2 * n_params
+    return out
 
 
 _IMAGE_ERRORS = ("image_mse", "image_rmse")
@@ -386,7 +415,7 @@ class _JobRunner:
             added["labels"] = ((self.features.X.dims[0],), est.labels_)
         metrics.update(_run_metrics(self.spec, est, self.features, missing))
         if any(images):
-            found, variables = self.images(est.cluster_centers_, *images)
+            found, variables = self.images(_dictionary(est), *images)
             metrics.update(found)
             added.update(variables)
             extra = self.images.attrs()
@@ -427,23 +456,33 @@ class _JobRunner:
 
         start = time.perf_counter()
         try:
-            if entry.checkpoints:
-                est.fit(self._input(), callback=on_state, resume_from=checkpoint)
-            else:  # not checkpointed: an interrupted run is redone (same seed, same result)
-                est.fit(self._input())
+            # A fit that stops at max_iter is a result like any other: recorded (converged
+            # in the run's attrs) and logged, not a Python warning.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                if entry.checkpoints:
+                    est.fit(self._input(), callback=on_state, resume_from=checkpoint)
+                else:  # not checkpointed: an interrupted run is redone (same seed, same result)
+                    est.fit(self._input())
         finally:
             progress.close()
+        for warning in caught:
+            if issubclass(warning.category, ConvergenceWarning):
+                log.warning("%s: %s", name, warning.message)
+            else:
+                warnings.warn_explicit(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
         seconds = time.perf_counter() - start
-        metrics = {"inertia": float(est.inertia_)}
+        if getattr(est, "labels_", None) is None and spec.output.labels:
+            est.labels_ = est.predict(self._input())
+        metrics = _model_metrics(est, self._input(), int(self.features.X.shape[0]))
         metrics.update(_run_metrics(spec, est, self.features, spec.metrics))
-        variables = {
-            "centroids": (("cluster", "feature"), est.cluster_centers_),
-            "x_mean": (("feature",), np.asarray(est._x_mean)),
-        }
+        variables = est._stored_model()
         extra: dict[str, Any] = {}
         if self.images is not None:
             started = time.perf_counter()
-            found, images = self.images(est.cluster_centers_)
+            found, images = self.images(_dictionary(est))
             metrics.update(found)
             variables.update(images)
             extra = {**self.images.attrs(), "image_seconds": time.perf_counter() - started}
@@ -453,8 +492,7 @@ class _JobRunner:
             "params": model.resolved(),
             "identity": identity,
             "run_id": rid,
-            "inertia": float(est.inertia_),
-            "n_iter": int(est.n_iter_),
+            **est._stored_summary(),
             "metrics": metrics,
             "seconds": seconds,
             "resumed_from_iteration": -1 if checkpoint is None else checkpoint.iteration,
@@ -466,14 +504,12 @@ class _JobRunner:
             variables["labels"] = ((self.features.X.dims[0],), est.labels_)
         self.results.write_run(name, variables, est.history_, attrs)
         self.results.drop_checkpoints(name)
-        log.info(
-            "%s: %d iterations, inertia %.6g%s, %.1f s",
-            name,
-            est.n_iter_,
-            est.inertia_,
-            f", image RMSE {metrics['image_rmse']:.4g}" if "image_rmse" in metrics else "",
-            seconds,
+        scores = ", ".join(
+            f"{m.replace('image_rmse', 'image RMSE')} {metrics[m]:.6g}"
+            for m in ("inertia", "lower_bound", "image_rmse")
+            if m in metrics
         )
+        log.info("%s: %d iterations, %s, %.1f s", name, est.n_iter_, scores, seconds)
         return metrics
 
 

@@ -28,7 +28,9 @@ def nearest_update(x: np.ndarray, state, packed: np.ndarray, offset: int, tiles:
     n, d = x.shape
     k = packed.shape[1]
     if state is None:
-        d2 = np.full(n, np.inf, dtype=np.float32)
+        # The distances keep the data's precision: float64 data (magnitudes whose squares
+        # overflow float32) must not be squeezed into float32.
+        d2 = np.full(n, np.inf, dtype=np.result_type(x.dtype, np.float32))
         labels = np.zeros(n, dtype=np.int32)
     else:
         d2, labels = state[0].copy(), state[1].copy()

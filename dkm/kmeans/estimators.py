@@ -90,6 +90,25 @@ class _KMeansBase(ClusterMixin, TransformerMixin, ParallelEstimator):
         self.cluster_centers_ = self._centers_centered + self._x_mean
         self.n_features_in_ = int(self._centers_centered.shape[1])
 
+    # What a results store keeps of the fitted model (the runner writes it, load_model reads
+    # it back): arrays by name with their dims, and the scalars a run records.
+    def _stored_model(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        return {
+            "centroids": (("cluster", "feature"), self.cluster_centers_),
+            "x_mean": (("feature",), np.asarray(self._x_mean)),
+        }
+
+    def _stored_summary(self) -> dict[str, float]:
+        return {"inertia": float(self.inertia_), "n_iter": int(self.n_iter_)}
+
+    def _restore_stored(self, ds: xr.Dataset, attrs: dict, history: xr.Dataset) -> None:
+        centroids = ds["centroids"].values
+        # Runs written before x_mean was stored were fitted on data centered the same way,
+        # but the mean was not kept: predicting from uncentered centroids differs only in
+        # rounding.
+        x_mean = ds["x_mean"].values if "x_mean" in ds else np.zeros(centroids.shape[1])
+        self._restore(centroids, x_mean, attrs, history)
+
     def _restore(
         self, centroids: np.ndarray, x_mean: np.ndarray, attrs: dict, history: xr.Dataset
     ) -> None:

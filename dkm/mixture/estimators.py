@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import xarray as xr
 from sklearn.base import DensityMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
@@ -372,6 +373,40 @@ class GaussianMixture(DensityMixin, ParallelEstimator):
         self.precisions_ = precisions_from_cholesky(self.precisions_cholesky_, self.covariance_type)
         self.n_features_in_ = int(self.means_.shape[1])
 
+    # What a results store keeps of the fitted model (the runner writes it, load_model reads
+    # it back): arrays by name with their dims, and the scalars a run records.
+    def _stored_model(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        cov_dims = _COVARIANCE_DIMS[self.covariance_type]
+        return {
+            "weights": (("component",), self.weights_),
+            "means": (("component", "feature"), self.means_),
+            "covariances": (cov_dims, self.covariances_),
+            "precisions_cholesky": (cov_dims, self.precisions_cholesky_),
+            "x_mean": (("feature",), np.asarray(self._x_mean)),
+        }
+
+    def _stored_summary(self) -> dict[str, float]:
+        return {
+            "lower_bound": float(self.lower_bound_),
+            "n_iter": int(self.n_iter_),
+            "converged": int(self.converged_),
+        }
+
+    def _restore_stored(self, ds: xr.Dataset, attrs: dict, history: xr.Dataset) -> None:
+        x_mean = ds["x_mean"].values
+        params = GaussianParams(
+            ds["weights"].values,
+            ds["means"].values - x_mean,
+            ds["covariances"].values,
+            ds["precisions_cholesky"].values,
+        )
+        self._set_model(params, x_mean)
+        self.lower_bound_ = float(attrs["lower_bound"])
+        self.n_iter_ = int(attrs["n_iter"])
+        self.converged_ = bool(attrs.get("converged", 1))
+        self.history_ = history
+        self.history_.attrs.update(attrs.get("history_attrs", {}))
+
     # ------------------------------------------------------------------ the fitted model
 
     def _kernel_args(self) -> tuple:
@@ -456,6 +491,15 @@ class GaussianMixture(DensityMixin, ParallelEstimator):
 
 
 # ------------------------------------------------------------------ fit states
+
+
+# Dims of covariances_ (and precisions_cholesky_) in a results store, per covariance type.
+_COVARIANCE_DIMS = {
+    "full": ("component", "feature", "feature_b"),
+    "tied": ("feature", "feature_b"),
+    "diag": ("component", "feature"),
+    "spherical": ("component",),
+}
 
 
 def _state(run: int, p: EMProgress, seed: int, info: dict, best: _Best | None) -> FitState:

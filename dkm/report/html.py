@@ -159,20 +159,24 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
                 info.algorithm,
                 run.attrs.get("k"),
                 run.attrs.get("n_iter"),
-                run.attrs.get("inertia"),
+                run.attrs.get("inertia", ""),
                 *(metrics.get(m, "") for m in metric_names),
                 run.attrs.get("seconds"),
             ]
         )
         shape = _tile_shape(run.attrs) or _tile_shape(attrs)
-        if shape is not None and int(np.prod(shape)) == run.sizes["feature"]:
+        # k-means runs keep centroids, mixtures their component means: both draw as tiles.
+        centers = next((run[v] for v in ("centroids", "means") if v in run), None)
+        drawable = shape is not None and int(np.prod(shape)) == run.sizes["feature"]
+        if centers is not None and drawable:
+            what = "centroids" if centers.name == "centroids" else "component means"
             png = plots.centroid_tiles(
-                run["centroids"].values,
+                centers.values,
                 shape,
                 out / f"centroids-{name}.png",
-                title=f"centroids of {name}",
+                title=f"{what} of {name}",
             )
-            figures.append((png.name, f"Centroids of {name}"))
+            figures.append((png.name, f"{what.capitalize()} of {name}"))
         if "originals" in run and "reconstructions" in run:
             png = plots.reconstruction_grid(
                 run["originals"].values,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
-
 from dkm import algorithms
 from dkm.results.store import ResultsStore
 
@@ -37,11 +35,5 @@ def load_model(store: str | os.PathLike, run: str) -> Any:
     entry = algorithms.get(attrs["algorithm"])
     params = {k: v for k, v in attrs.get("params", {}).items() if k in entry.job_rules()}
     est = entry.make(int(attrs["k"]), params)
-    centroids = ds["centroids"].values
-    # Runs written before x_mean was stored were fitted on data centered the same way, but
-    # the mean was not kept: predicting from uncentered centroids differs only in rounding.
-    x_mean = (
-        ds["x_mean"].values if "x_mean" in ds else np.zeros(centroids.shape[1], centroids.dtype)
-    )
-    est._restore(centroids, x_mean, attrs, results.read_history(run).load())
+    est._restore_stored(ds, attrs, results.read_history(run).load())
     return est
