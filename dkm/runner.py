@@ -246,14 +246,18 @@ def _error_text(err: BaseException, client=None) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _predicted(est, features: Features):
+    labels = getattr(est, "labels_", None)
+    return labels if labels is not None else est.predict(features.X)
+
+
 def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, float]:
     """The metrics of ``names`` that need no image reconstruction."""
     names = [m for m in names if not evaluate.METRICS[m].needs_coding and m not in _IMAGE_ERRORS]
+    info = [evaluate.METRICS[m] for m in names]
     labels_pred = None
-    if any(evaluate.METRICS[m].needs_labels for m in names):
-        labels_pred = getattr(est, "labels_", None)
-        if labels_pred is None:
-            labels_pred = est.predict(features.X)
+    if any(m.needs_labels or m.needs_features for m in info):
+        labels_pred = _predicted(est, features)
     return evaluate.compute_metrics(
         names,
         inertia=float(getattr(est, "inertia_", np.nan)),  # k-means only
@@ -262,7 +266,22 @@ def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, flo
         labels_true=features.labels,
         labels_pred=labels_pred,
         n_clusters=_n_clusters(est),
+        X=features.X if any(m.needs_features for m in info) else None,
+        centroids=getattr(est, "cluster_centers_", None),
+        random_state=int(getattr(est, "random_state", None) or 0),
     )
+
+
+def _confusion(spec: JobSpec, est, features: Features) -> dict[str, tuple]:
+    """The contingency table and the Hungarian confusion matrix of a run whose job scores
+    it against the samples' labels (stored as run variables)."""
+    if features.labels is None or not any(evaluate.METRICS[m].needs_labels for m in spec.metrics):
+        return {}
+    predicted = _predicted(est, features)
+    found = evaluate.confusion_matrices(features.labels, predicted, _n_clusters(est))
+    out = {name: (var.dims, var.values) for name, var in found.data_vars.items()}
+    out.update({name: ((name,), c.values) for name, c in found.coords.items()})
+    return out
 
 
 def _n_clusters(est) -> int:
@@ -478,7 +497,7 @@ class _JobRunner:
             est.labels_ = est.predict(self._input())
         metrics = _model_metrics(est, self._input(), int(self.features.X.shape[0]))
         metrics.update(_run_metrics(spec, est, self.features, spec.metrics))
-        variables = est._stored_model()
+        variables = {**est._stored_model(), **_confusion(spec, est, self.features)}
         extra: dict[str, Any] = {}
         if self.images is not None:
             started = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -188,12 +189,12 @@ def test_chunking_does_not_change_results(client):
     xr.testing.assert_allclose(coded[0].compute(), coded[1].compute(), rtol=0, atol=1e-6)
 
 
-def test_coded_blocks_are_capped_in_patches(monkeypatch):
+def test_coded_blocks_are_capped_in_patches():
     images = np.zeros((10, 10, 10), np.uint8)  # 25 windows of 3x3, stride 2, pad 1
     dictionary = positive_dictionary(4, 9, seed=5)
     layout = PatchLayout(3, 2, 1)
-    monkeypatch.setattr("dkm.coding.reconstruct.CODED_PATCHES_PER_BLOCK", 50)
-    coded = reconstruct_images(images, dictionary, layout, coding=SparseCoding("omp", 1))
+    with dask.config.set({"dkm.coding.patches-per-block": 50}):
+        coded = reconstruct_images(images, dictionary, layout, coding=SparseCoding("omp", 1))
     assert coded["reconstructions"].chunks[0] == (2, 2, 2, 2, 2)
     assert reconstruct_images(images, dictionary, layout)["reconstructions"].chunks[0] == (10,)
 
@@ -401,3 +402,119 @@ def test_bad_inputs_fail_before_compute():
         encode_patches(np.zeros((3, 4)), np.ones((2, 4)), SparseCoding("omp", 1), normalize="l1")
     with pytest.raises(ValueError, match="patches must be float vectors"):
         encode_patches(np.zeros((3, 4), np.uint8), np.ones((2, 4)), SparseCoding("omp", 1))
+
+
+# --------------------------------------------------------------------------- batched OMP
+
+
+def ref_omp(x, atoms, n_nonzero):
+    """Textbook OMP in float64, one patch at a time: the chosen atoms, their weights, and the
+    smallest gap between the best and second-best ``|correlation|`` over the steps taken."""
+    a = atoms.astype(np.float64)
+    chosen, weights, gaps = [], [], []
+    for row in x.astype(np.float64):
+        support, gamma, gap, r = [], np.zeros(0), np.inf, row.copy()
+        for _ in range(n_nonzero):
+            corr = np.abs(a @ r)
+            order = np.argsort(-corr)
+            if corr[order[0]] ** 2 < np.finfo(np.float32).eps:  # nothing left to explain
+                break
+            gap = min(gap, corr[order[0]] - corr[order[1]])
+            support.append(order[0])
+            gamma = np.linalg.lstsq(a[support].T, row, rcond=None)[0]
+            r = row - gamma @ a[support]
+        chosen.append(support)
+        weights.append(gamma)
+        gaps.append(gap)
+    return chosen, weights, np.array(gaps)
+
+
+def overcomplete_patches(k, n_features, n, seed):
+    """Gaussian unit atoms (k > n_features) and patches: random ones, an all-zero one, some
+    that are one atom exactly and some that are two atoms exactly (OMP stops early there)."""
+    rng = np.random.default_rng(seed)
+    atoms, _ = unit(rng.standard_normal((k, n_features)))
+    x = rng.standard_normal((n, n_features)).astype(np.float32)
+    x[0] = 0
+    x[1:4] = 1.5 * atoms[[7, 8, 9]]
+    x[4:7] = atoms[[10, 11, 12]] - 0.4 * atoms[[13, 14, 15]]
+    return atoms, x
+
+
+@pytest.mark.parametrize("n_nonzero", [1, 2, 3, 4])
+def test_batched_omp_matches_sparse_encode_overcomplete(client, n_nonzero):
+    atoms, x = overcomplete_patches(512, 25, 400, seed=20)
+    # Through the cluster in several blocks; atoms already unit-norm, so codes index them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the batched kernel never warns
+        ds = encode_patches(
+            da.from_array(x, chunks=(150, 25)), atoms, SparseCoding("omp", n_nonzero)
+        ).compute()
+    got = dense_from_compact(ds, 512)
+    expected = sk_codes(x, atoms, SparseCoding("omp", n_nonzero))
+
+    _, _, gaps = ref_omp(x, atoms, n_nonzero)
+    clear = gaps > 1e-4  # no near-tie at any step: every float rounding picks the same atom
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(got[clear] != 0, expected[clear] != 0)
+    np.testing.assert_allclose(got[clear], expected[clear], atol=1e-5)
+    # Early stops: the zero patch has no code, an exact atom one weight, two atoms two.
+    counts = ds["codes_nonzero"].values
+    assert counts[0] == 0 and np.all(ds["codes_index"].values[0] == -1)
+    np.testing.assert_array_equal(counts[1:4], 1)
+    np.testing.assert_allclose(got[[1, 2, 3], [7, 8, 9]], 1.5, rtol=1e-5)
+    np.testing.assert_array_equal(counts[4:7], min(n_nonzero, 2))
+    np.testing.assert_array_equal(counts[7:], n_nonzero)
+    np.testing.assert_array_equal(counts, np.count_nonzero(expected, axis=1))
+    # The compact slots hold the largest weights first.
+    w = np.abs(ds["codes_weight"].values)
+    assert np.all(w[:, :-1] >= w[:, 1:])
+
+
+def test_batched_omp_tiles_do_not_change_codes(monkeypatch):
+    from dkm._parallel.kernels import Tiles
+    from dkm.coding import sparse as coding_sparse
+
+    atoms, x = overcomplete_patches(700, 16, 600, seed=21)
+    # A duplicate atom in another tile, at the same place in it (so the same GEMM rounding):
+    # the tie goes to the lower index, as with one argmax.
+    atoms[250] = atoms[50]
+    x[7] = atoms[50]
+    live = x[x.any(axis=1)]
+    whole = coding_sparse.omp_codes(live, atoms, 3, Tiles()).toarray()
+    # Best atoms against one dense argmax, then with 3 row tiles x 7 atom tiles.
+    dense = np.abs(live.astype(np.float64) @ atoms.T.astype(np.float64))
+    monkeypatch.setattr(coding_sparse, "_ATOMS_PER_TILE", 100)
+    small = Tiles(tile_bytes=1)  # the minimum: 256 rows per tile
+    best, top = coding_sparse.best_atoms(live, atoms, small)
+    np.testing.assert_array_equal(best, dense.argmax(axis=1))
+    assert best[6] == 50
+    np.testing.assert_allclose(top, dense.max(axis=1), rtol=1e-5)
+    tiled = coding_sparse.omp_codes(live, atoms, 3, small).toarray()
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(tiled != 0, whole != 0)
+    # And the reference OMP in float64 agrees with both on every patch here.
+    chosen, weights, gaps = ref_omp(live, atoms, 3)
+    clear = gaps > 1e-5  # not those that tie between the duplicates
+    assert clear.sum() > 0.95 * len(live)
+    for row in np.flatnonzero(clear):
+        support, gamma = chosen[row], weights[row]
+        np.testing.assert_array_equal(np.flatnonzero(whole[row]), np.sort(support))
+        np.testing.assert_allclose(whole[row, support], gamma, atol=1e-5)
+
+
+def test_coded_reconstruction_overcomplete(client):
+    images = images_with_empty_corner(4, (12, 12), seed=22)
+    rng = np.random.default_rng(23)
+    dictionary = rng.standard_normal((300, 16)).astype(np.float32)  # k > n_features
+    dictionary[5] = 0
+    coding = SparseCoding("omp", 3)
+    atoms, _ = unit(dictionary)
+    ds = reconstruct_images(images, dictionary, PatchLayout(4, 2, 1, True), coding=coding)
+
+    def encode(x):
+        return sk_codes(x, atoms, coding) @ atoms
+
+    recon, mse = ref_reconstruct(images, dictionary, 4, 2, 1, True, encode=encode)
+    np.testing.assert_allclose(ds["reconstructions"].values, recon, atol=1e-5)
+    np.testing.assert_allclose(ds["image_mse"].values, mse, rtol=1e-4)

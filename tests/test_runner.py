@@ -96,7 +96,11 @@ def test_job_writes_a_complete_results_store(tmp_path, client):
     assert run.attrs["params"]["random_state"] == 3 and run.attrs["params"]["max_iter"] == 30
     assert tree["runs/lloyd-k10/history"]["inertia"].sizes["iteration"] == run.attrs["n_iter"]
     assert tree["sweep"]["k"].values.tolist() == [4, 10]
-    assert tree["sweep"]["inertia"].values[1] < tree["sweep"]["inertia"].values[0]
+    inertia = tree["sweep"]["inertia"].sel(algorithm="lloyd").values
+    assert inertia[1] < inertia[0]
+    # The data has labels and the job asks for label metrics: the confusion matrices too.
+    assert run["contingency"].shape == (10, 10)
+    assert run["confusion"].values.sum() == 1797 == run["contingency"].values.sum()
     assert "checkpoints" not in tree or not tree["checkpoints"].children
     assert report.stat().st_size > 10_000 and "bokeh" in report.read_text().lower()
 

@@ -26,12 +26,12 @@ from dkm import config
 from dkm._parallel.kernels import Tiles, assign, pack_centers
 from dkm._validation import Interval
 from dkm.coding.sparse import (
-    CODED_PATCHES_PER_BLOCK,
     SparseCoding,
     check_normalize,
     checked_atoms,
     checked_dictionary,
     code_tiles,
+    coded_patches_per_block,
     unit_rows,
 )
 from dkm.data.store import rows_per_chunk
@@ -72,14 +72,14 @@ def _images_per_block(grid: PatchGrid, n_images: int, coded: bool) -> int:
     """Images per task: the block's patches, their reconstructions and the stitch buffers
     together about ``dkm.store.feature-chunk-bytes``, at most
     ``dkm.store.stitch-images-per-block`` images; with sparse coding at most
-    :data:`~dkm.coding.sparse.CODED_PATCHES_PER_BLOCK` patches (encoding is slow)."""
+    ``dkm.coding.patches-per-block`` patches (encoding is slow)."""
     patch_bytes = grid.per_image * grid.n_features * 4
     stitch_bytes = grid.padded[0] * grid.padded[1] * max(1, grid.channels) * 8
     per_image = 3 * patch_bytes + 2 * stitch_bytes
     target = config.get_bytes("store.feature-chunk-bytes")
     most = int(config.get("store.stitch-images-per-block"))
     if coded:
-        most = min(most, max(1, CODED_PATCHES_PER_BLOCK // grid.per_image))
+        most = min(most, max(1, coded_patches_per_block() // grid.per_image))
     return min(most, rows_per_chunk(per_image, n_images, target))
 
 
@@ -133,7 +133,7 @@ def _reconstruct_block(
     else:
         out = np.zeros_like(x)
         for rows, codes in code_tiles(x, atoms, coding, tiles):
-            out[rows] = codes.astype(np.float32) @ atoms
+            out[rows] = codes @ atoms
     if norms is not None:
         out *= norms[:, None]
     if drop_empty:  # never clustered: the null centroid, whatever is nearest
@@ -169,7 +169,7 @@ def reconstruct_images(
     images_per_block : int, optional
         Images per task. Default: the block's patches and buffers about
         ``dkm.store.feature-chunk-bytes``, at most ``dkm.store.stitch-images-per-block``
-        images, and with ``coding`` at most ``CODED_PATCHES_PER_BLOCK`` (4096) patches.
+        images, and with ``coding`` at most ``dkm.coding.patches-per-block`` (4096) patches.
 
     Returns
     -------

@@ -1,10 +1,17 @@
-"""Sparse coding of patches over a dictionary, with scikit-learn's encoders, chunk by chunk.
+"""Sparse coding of patches over a dictionary, chunk by chunk: a batched OMP kernel and
+scikit-learn's other encoders.
 
-A dictionary here is k-means centroids ``(k, n_features)``. scikit-learn's encoders
-(:func:`sklearn.decomposition.sparse_encode`) assume unit-norm atoms, so every centroid is
+A dictionary here is k-means centroids ``(k, n_features)``. The encoders (those of
+:func:`sklearn.decomposition.sparse_encode`) assume unit-norm atoms, so every centroid is
 divided by its l2 norm first (:func:`unit_atoms`); all-zero centroids (empty clusters) have no
 direction and are left out, so no code ever uses them and no NaN appears. A patch's
 reconstruction is then ``code @ unit_atoms``.
+
+``omp`` runs :func:`omp_codes`, scikit-learn's algorithm vectorised over every patch of a
+block (scikit-learn copies the ``k x k`` Gram matrix for every patch: measured on two cores,
+about 15 minutes for the 69k non-empty 5x5 patches of mnist-5k at k = 4096 and an
+estimated 9 hours at 16384, against 3 and 4 seconds batched); the other methods run
+``sparse_encode`` itself.
 
 Codes are stored compactly: per patch the ``width`` largest weights by magnitude and the
 dictionary rows they belong to (``codes_index``, ``codes_weight``; index -1 and weight 0 in
@@ -22,7 +29,6 @@ its worker-side modules low.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,7 +36,9 @@ from typing import Any, ClassVar
 import dask.array as da
 import numpy as np
 import xarray as xr
+from scipy import sparse as sp
 
+from dkm import config
 from dkm._parallel.kernels import Tiles
 from dkm._validation import Interval, Options, problems
 
@@ -54,16 +62,50 @@ _TAKES = {
 }
 # Patch scalings a layout may ask for before assignment or encoding.
 NORMALIZE = (None, "l2")
-# Patches per encoding task at most. scikit-learn encodes patch by patch (measured per patch
-# of 36 features, one core: omp 0.14 / 0.47 / 15 ms and lasso_lars 2.4 / 11 / 61 ms at 256 /
-# 1024 / 4096 atoms; threshold 0.02-0.05 ms), so blocks this small still take seconds, and
-# they keep every worker busy and make a lost task cheap.
-CODED_PATCHES_PER_BLOCK = 4096
+
+
+def coded_patches_per_block() -> int:
+    """Patches per encoding task at most (``dkm.coding.patches-per-block``).
+
+    scikit-learn encodes patch by patch (milliseconds per patch at 1024 atoms and more, see
+    SparseCoding), so blocks this small still take seconds, and they keep every worker busy
+    and make a lost task cheap. The batched OMP takes 0.1-0.3 s per 4096 patches even at
+    16384 atoms.
+    """
+    return int(config.get("coding.patches-per-block"))
+
+# Atoms per correlation tile of the batched OMP: wide enough for an efficient GEMM, narrow
+# enough that a tile of the minimum 256 rows stays about ``dkm.kernels.tile-bytes``.
+_ATOMS_PER_TILE = 2048
 
 
 @dataclass(frozen=True)
 class SparseCoding:
-    """How patches are encoded over the dictionary (scikit-learn's ``sparse_encode``).
+    """How patches are encoded over the dictionary (the methods of ``sparse_encode``).
+
+    Every method gives the codes :func:`sklearn.decomposition.sparse_encode` gives (``omp``:
+    the same atoms but where two correlations tie within float32 rounding, the weights to
+    float32 rounding). ``omp``
+    runs the batched kernel :func:`omp_codes` and ``threshold`` is one product: both are fast
+    at any dictionary size. ``lars``, ``lasso_lars`` and ``lasso_cd`` run scikit-learn patch
+    by patch over the ``k x k`` Gram matrix of the atoms (computed once per block, but
+    scikit-learn's LARS copies it for every patch): practical up to about a thousand atoms,
+    slow at 4096, and at 16384 the Gram matrix alone is 1 GiB per task. Measured per patch
+    (25 features, MNIST 5x5 patches, random-patch dictionaries, one core of a shared
+    machine), at 256 / 1024 / 4096 / 16384 atoms:
+
+    ==============  ======  ======  ======  ======
+    method          256     1024    4096    16384
+    ==============  ======  ======  ======  ======
+    omp (n=2)       1 us    3 us    10 us   35 us
+    omp (n=4)       2 us    6 us    19 us   62 us
+    threshold       6 us    12 us   32 us
+    lars (n=2)      0.2 ms  3 ms    18 ms
+    lasso_lars      0.8 ms  4 ms    19 ms
+    lasso_cd        1.3 ms  5 ms    28 ms
+    ==============  ======  ======  ======  ======
+
+    (scikit-learn's own ``omp``, which this replaces: about 0.2 / 0.5 / 15 / 250 ms.)
 
     Parameters
     ----------
@@ -207,54 +249,191 @@ def check_normalize(normalize: Any) -> str | None:
 
 def code_tiles(
     x: np.ndarray, atoms: np.ndarray, coding: SparseCoding, tiles: Tiles
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Dense codes of the rows of ``x`` over unit ``atoms``, a tile of rows at a time.
+) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+    """Codes of the rows of ``x`` over unit ``atoms``, a tile of rows at a time.
 
-    Yields ``(rows, codes)``: indices into ``x`` and their ``(len(rows), n_atoms)`` codes,
-    exactly what ``sparse_encode(x[rows], atoms, ...)`` gives. A tile holds ``rows x
-    n_atoms`` correlations and codes, sized like a distance tile (``dkm.kernels.tile-bytes``)
-    so that a block of many patches over 16384 atoms stays small; each row's code does not
-    depend on the others, so the tiling does not change it. All-zero rows are not encoded:
-    their code is zero for every method (and ``omp`` would only warn about them).
+    Yields ``(rows, codes)``: indices into ``x`` and their codes as a ``(len(rows),
+    n_atoms)`` CSR matrix holding the non-zeros only, what ``sparse_encode(x[rows], atoms,
+    ...)`` gives. ``omp`` runs :func:`omp_codes` on up to ``dkm.coding.patches-per-block``
+    rows at once; the other methods run scikit-learn on tiles of ``rows x n_atoms`` dense
+    codes sized like a distance tile (``dkm.kernels.tile-bytes``), so that a block over
+    16384 atoms stays small. Each row's code does not depend on the others, so the tiling
+    does not change it. All-zero rows are not encoded: their code is zero for every method
+    (and scikit-learn's ``omp`` would only warn about them).
     """
-    from sklearn.decomposition import sparse_encode
-
     x = np.ascontiguousarray(x)
-    # The Gram matrix as sparse_encode computes it, once per block rather than per tile.
-    gram = None if coding.method == "threshold" else np.dot(atoms, atoms.T).astype(x.dtype)
     live = np.flatnonzero(x.any(axis=1))
-    step = tiles.rows(atoms.shape[0], 8)
-    with warnings.catch_warnings():
-        # A patch that an atom matches exactly leaves no residual: OMP stops early and
-        # warns, but the code is the exact fit.
-        warnings.filterwarnings("ignore", message="Orthogonal matching pursuit ended prematurely")
+    if coding.method == "omp":
+        step = coded_patches_per_block()
         for s in range(0, live.size, step):
             rows = live[s : s + step]
-            codes = sparse_encode(x[rows], atoms, gram=gram, n_jobs=1, **coding._sklearn_kwargs())
-            yield rows, codes
+            yield rows, omp_codes(x[rows], atoms, coding.n_nonzero_coefs, tiles)
+        return
+    from sklearn.decomposition import sparse_encode
+
+    # The Gram matrix as sparse_encode computes it, once per block rather than per tile.
+    gram = None if coding.method == "threshold" else np.dot(atoms, atoms.T).astype(x.dtype)
+    step = tiles.rows(atoms.shape[0], 8)
+    for s in range(0, live.size, step):
+        rows = live[s : s + step]
+        codes = sparse_encode(x[rows], atoms, gram=gram, n_jobs=1, **coding._sklearn_kwargs())
+        yield rows, sp.csr_matrix(codes)
 
 
-def compact(codes: np.ndarray, kept: np.ndarray, width: int):
+def best_atoms(r: np.ndarray, atoms: np.ndarray, tiles: Tiles) -> tuple[np.ndarray, np.ndarray]:
+    """The atom of largest ``|correlation|`` with each row of ``r``, and that magnitude.
+
+    Tile by tile: ``rows x atoms`` correlations of at most ``dkm.kernels.tile-bytes`` (one
+    GEMM each, into a buffer reused for every tile, see
+    :func:`dkm._parallel.kernels.nearest_tiles`), so 16384 atoms never make a ``patches x
+    k`` matrix. Ties go to the lowest atom index, like a single ``argmax``.
+    """
+    m, k = r.shape[0], atoms.shape[0]
+    width = min(k, _ATOMS_PER_TILE)
+    step = tiles.rows(width, r.itemsize)
+    pieces = [np.ascontiguousarray(atoms[a : a + width].T) for a in range(0, k, width)]
+    corr = np.empty((min(step, m), width), dtype=np.result_type(r, atoms))
+    best = np.zeros(m, dtype=np.intp)
+    top = np.full(m, -1.0, dtype=corr.dtype)
+    for s in range(0, m, step):
+        rt = r[s : s + step]
+        n = len(rt)
+        at = np.arange(n)
+        for a, piece in zip(range(0, k, width), pieces, strict=True):
+            c = np.matmul(rt, piece, out=corr[:n, : piece.shape[1]])
+            np.abs(c, out=c)
+            j = np.argmax(c, axis=1)
+            mag = c[at, j]
+            better = mag > top[s : s + n]  # strict: an earlier tile wins a tie
+            best[s : s + n][better] = a + j[better]
+            top[s : s + n][better] = mag[better]
+    return best, top
+
+
+def omp_codes(
+    x: np.ndarray, atoms: np.ndarray, n_nonzero_coefs: int, tiles: Tiles
+) -> sp.csr_matrix:
+    """Orthogonal matching pursuit of every row of ``x`` at once, as scikit-learn does it.
+
+    The steps of scikit-learn's ``orthogonal_mp_gram`` (what ``sparse_encode(...,
+    algorithm="omp")`` runs, one patch at a time, copying the ``k x k`` Gram matrix for each),
+    vectorised over the rows: each step picks for every row the atom of largest
+    ``|correlation|`` with its residual (:func:`best_atoms`), extends the row's Cholesky
+    factor of the chosen atoms' Gram matrix by one row, solves the least-squares weights
+    from it and updates the residual. Only the chosen atoms' Gram entries are ever computed.
+    A row stops early where scikit-learn's does (it warns there, this does not): when the
+    best correlation is below ``sqrt(eps)`` of the patches' dtype (the residual is spent),
+    when the best atom is one already chosen, or when the new atom is linearly dependent on
+    the chosen ones (the Cholesky pivot is below ``eps``). The weights are solved in float64
+    (scikit-learn: in the patches' dtype), so they agree with scikit-learn's to the
+    latter's rounding. The correlations come from the residual (scikit-learn updates them
+    through the Gram matrix: the same numbers up to rounding), so only atoms whose
+    correlations tie within float32 rounding may be picked differently; exact ties go to the
+    lowest atom index (scikit-learn's to the lowest in its swapped order).
+
+    Parameters
+    ----------
+    x : ndarray, ``(m, n_features)``
+        Non-zero patches (float32 or float64).
+    atoms : ndarray, ``(k, n_features)``
+        Unit-norm atoms.
+    n_nonzero_coefs : int
+        Steps at most (atoms per patch).
+    tiles : Tiles
+        Size of the correlation tiles.
+
+    Returns
+    -------
+    scipy.sp.csr_matrix
+        ``(m, k)`` float64 codes.
+    """
+    m, n = x.shape[0], int(n_nonzero_coefs)
+    eps = np.finfo(x.dtype).eps  # scikit-learn's, of its Gram matrix in the patches' dtype
+    a64 = np.asarray(atoms, dtype=np.float64)
+    x64 = np.asarray(x, dtype=np.float64)
+    chosen = np.zeros((m, n), dtype=np.intp)
+    chol = np.zeros((m, n, n))  # lower Cholesky factor of the chosen atoms' Gram matrix
+    xy = np.zeros((m, n))  # correlations of the patch with the chosen atoms
+    gamma = np.zeros((m, n))
+    used = np.zeros(m, dtype=np.intp)  # atoms chosen per row
+    live = np.arange(m)  # rows still being extended
+    residual = np.array(x, dtype=atoms.dtype)
+    for t in range(n):
+        lam, top = best_atoms(residual, atoms, tiles)
+        go = top.astype(np.float64) ** 2 >= eps
+        if t:
+            go &= ~(chosen[live, :t] == lam[:, None]).any(axis=1)
+        g = a64[lam]
+        pivot = np.einsum("ij,ij->i", g, g)
+        if t:  # the new row of the Cholesky factor: L v = G[chosen, lam]
+            v = _forward(chol[live, :t, :t], np.einsum("itj,ij->it", a64[chosen[live, :t]], g))
+            pivot = pivot - np.einsum("it,it->i", v, v)
+            go &= pivot > eps
+        live, lam, g, pivot = live[go], lam[go], g[go], pivot[go]
+        if t:
+            chol[live, t, :t] = v[go]
+        chol[live, t, t] = np.sqrt(pivot)
+        chosen[live, t] = lam
+        xy[live, t] = np.einsum("ij,ij->i", x64[live], g)
+        used[live] = t + 1
+        lower = chol[live, : t + 1, : t + 1]
+        gamma[live, : t + 1] = _backward(lower, _forward(lower, xy[live, : t + 1]))
+        if t + 1 < n:
+            fit = np.einsum("it,itj->ij", gamma[live, : t + 1], a64[chosen[live, : t + 1]])
+            residual = (x64[live] - fit).astype(atoms.dtype)
+    slots = np.arange(n) < used[:, None]
+    slots &= gamma != 0
+    indptr = np.concatenate([[0], np.cumsum(slots.sum(axis=1))])
+    return sp.csr_matrix((gamma[slots], chosen[slots], indptr), shape=(m, atoms.shape[0]))
+
+
+def _forward(lower: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve ``L y = b`` for a batch of lower-triangular ``L`` ``(m, t, t)``, ``b`` ``(m, t)``."""
+    y = np.empty_like(b)
+    for i in range(b.shape[1]):
+        y[:, i] = (b[:, i] - np.einsum("ij,ij->i", lower[:, i, :i], y[:, :i])) / lower[:, i, i]
+    return y
+
+
+def _backward(lower: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve ``L^T y = b`` for a batch of lower-triangular ``L`` ``(m, t, t)``."""
+    y = np.empty_like(b)
+    for i in range(b.shape[1] - 1, -1, -1):
+        rest = np.einsum("ij,ij->i", lower[:, i + 1 :, i], y[:, i + 1 :])
+        y[:, i] = (b[:, i] - rest) / lower[:, i, i]
+    return y
+
+
+def compact(codes: sp.csr_matrix, kept: np.ndarray, width: int):
     """The ``width`` largest weights of each row by magnitude, largest first.
 
-    Returns ``index`` (int32, dictionary rows; -1 in unused slots), ``weight`` (float32, 0 in
-    unused slots) and ``count`` (int32, non-zeros of the full code).
+    ``codes`` holds rows of codes over the unit atoms (:func:`code_tiles`). Returns ``index``
+    (int32, dictionary rows; -1 in unused slots), ``weight`` (float32, 0 in unused slots) and
+    ``count`` (int32, non-zeros of the full code).
     """
-    m, k = codes.shape
-    mag = np.abs(codes)
-    if width < k:
+    codes = sp.csr_matrix(codes)
+    codes.eliminate_zeros()
+    m = codes.shape[0]
+    count = np.diff(codes.indptr).astype(np.int32)
+    # The non-zeros of each row side by side, padded to the longest row (magnitude -1).
+    most = max(width, int(count.max(initial=0)))
+    row = np.repeat(np.arange(m), count)
+    slot = np.arange(codes.nnz) - codes.indptr[row]
+    index = np.full((m, most), -1, dtype=np.intp)
+    weight = np.zeros((m, most), dtype=np.float64)
+    index[row, slot] = codes.indices
+    weight[row, slot] = codes.data
+    mag = np.where(index >= 0, np.abs(weight), -1.0)
+    if most > width:
         top = np.argpartition(-mag, width - 1, axis=1)[:, :width]
     else:
-        top = np.broadcast_to(np.arange(k), (m, k))
+        top = np.broadcast_to(np.arange(most), (m, most))
     order = np.argsort(-np.take_along_axis(mag, top, axis=1), axis=1, kind="stable")
     top = np.take_along_axis(top, order, axis=1)
-    weight = np.take_along_axis(codes, top, axis=1)
-    used = weight != 0
-    index = np.where(used, kept[top], -1).astype(np.int32)
-    if width > k:  # fewer atoms than slots: pad
-        index = np.pad(index, ((0, 0), (0, width - k)), constant_values=-1)
-        weight = np.pad(weight, ((0, 0), (0, width - k)))
-    count = np.count_nonzero(codes, axis=1).astype(np.int32)
+    index = np.take_along_axis(index, top, axis=1)
+    weight = np.take_along_axis(weight, top, axis=1)
+    used = index >= 0
+    index = np.where(used, kept[np.maximum(index, 0)], -1).astype(np.int32)
     return index, np.where(used, weight, 0).astype(np.float32), count
 
 
@@ -303,8 +482,9 @@ def _as_patch_array(patches: Any) -> tuple[da.Array, dict[str, Any]]:
         raise ValueError(f"patches must be float vectors, got {data.dtype}")
     if not isinstance(data, da.Array):
         data = da.from_array(data, chunks=(max(1, len(data)), -1))
-    if data.shape[0] and max(data.chunks[0]) > CODED_PATCHES_PER_BLOCK:
-        return data.rechunk({0: CODED_PATCHES_PER_BLOCK, 1: -1}), coords
+    most = coded_patches_per_block()
+    if data.shape[0] and max(data.chunks[0]) > most:
+        return data.rechunk({0: most, 1: -1}), coords
     return data.rechunk({1: -1}), coords
 
 
@@ -321,7 +501,7 @@ def encode_patches(
     ----------
     patches : DataArray, dask array or ndarray
         ``(patch, feature)`` float patch vectors (as :func:`dkm.extract_patches` makes them).
-        Chunks of more than :data:`CODED_PATCHES_PER_BLOCK` patches are split (encoding is
+        Chunks of more than ``dkm.coding.patches-per-block`` patches are split (encoding is
         slow, see there).
     dictionary : ndarray
         ``(k, n_features)``, e.g. k-means centroids; rows are scaled to unit norm and

@@ -11,14 +11,20 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import xarray as xr
 from scipy.optimize import linear_sum_assignment
 
 __all__ = [
+    "adjusted_rand",
+    "completeness",
+    "confusion_matrices",
     "contingency",
     "homogeneity",
+    "hungarian_labels",
     "majority_accuracy",
     "nmi",
     "one_to_one_accuracy",
+    "v_measure",
 ]
 
 
@@ -46,10 +52,77 @@ def majority_accuracy(table: np.ndarray) -> float:
     return float(table.max(axis=0).sum() / table.sum())
 
 
+def hungarian_labels(table: np.ndarray) -> np.ndarray:
+    """The label each cluster stands for under the best one-to-one matching of clusters to
+    labels (scipy's ``linear_sum_assignment`` on the counts), -1 for an unmatched cluster
+    (more clusters than labels).
+
+    Parameters
+    ----------
+    table : ndarray of shape (n_labels, n_clusters)
+        A :func:`contingency` table.
+
+    Returns
+    -------
+    ndarray of shape (n_clusters,), int64
+    """
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    mapping = np.full(table.shape[1], -1, dtype=np.int64)
+    mapping[cols] = rows
+    return mapping
+
+
 def one_to_one_accuracy(table: np.ndarray) -> float:
     """Best one-to-one matching of clusters to labels (Hungarian); unmatched count as wrong."""
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / table.sum())
+
+
+def confusion_matrices(labels_true: Any, labels_pred: Any, n_clusters: int) -> xr.Dataset:
+    """The contingency table and the confusion matrix of the Hungarian-matched clustering.
+
+    Both come from one :func:`contingency` pass on the cluster; the confusion matrix is the
+    table with each cluster's column added to the column of the label it is matched to.
+
+    Parameters
+    ----------
+    labels_true, labels_pred : array-like or dask array of non-negative ints
+        The samples' labels and clusters, same length.
+    n_clusters : int
+        Number of clusters, so empty clusters still get a column.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``contingency`` ``(label, cluster)``: samples per true label and cluster;
+        ``confusion`` ``(label, predicted_label)``: samples per true label and label of their
+        cluster under the matching, ``predicted_label = -1`` (the last column, present only
+        when there are more clusters than labels) collecting the samples of unmatched
+        clusters, so the
+        trace over the total is ``one_to_one_accuracy``; ``cluster_label`` ``(cluster)``:
+        the matched label of each cluster, -1 when unmatched. Equal to
+        ``sklearn.metrics.confusion_matrix(labels_true, cluster_label[labels_pred])``.
+    """
+    table = contingency(labels_true, labels_pred, n_clusters)
+    n_labels = table.shape[0]
+    mapping = hungarian_labels(table)
+    predicted = np.arange(n_labels + int((mapping < 0).any()))
+    predicted[n_labels:] = -1
+    confusion = np.zeros((n_labels, predicted.size), dtype=np.int64)
+    # Unmatched clusters (-1) go to the last column, matched ones to their label's.
+    np.add.at(confusion.T, np.where(mapping < 0, predicted.size - 1, mapping), table.T)
+    return xr.Dataset(
+        {
+            "contingency": (("label", "cluster"), table),
+            "confusion": (("label", "predicted_label"), confusion),
+            "cluster_label": (("cluster",), mapping),
+        },
+        coords={
+            "label": np.arange(n_labels),
+            "cluster": np.arange(table.shape[1]),
+            "predicted_label": predicted,
+        },
+    )
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -70,6 +143,44 @@ def homogeneity(table: np.ndarray) -> float:
     if h_label == 0:
         return 1.0
     return float(_mutual_information(table) / h_label)
+
+
+def completeness(table: np.ndarray) -> float:
+    """1 - H(cluster | label) / H(cluster), as :func:`sklearn.metrics.completeness_score`."""
+    h_cluster = _entropy(table.sum(axis=0))
+    if h_cluster == 0:
+        return 1.0
+    return float(_mutual_information(table) / h_cluster)
+
+
+def v_measure(table: np.ndarray) -> float:
+    """Harmonic mean of homogeneity and completeness, as
+    :func:`sklearn.metrics.v_measure_score`."""
+    h, c = homogeneity(table), completeness(table)
+    return 0.0 if h + c == 0 else float(2 * h * c / (h + c))
+
+
+def adjusted_rand(table: np.ndarray) -> float:
+    """Adjusted Rand index from the pair counts of the table, as
+    :func:`sklearn.metrics.adjusted_rand_score`."""
+    # Python integers: the pair counts reach n**2 and their products overflow int64.
+    n = int(table.sum())
+    squares = int((table.astype(object) ** 2).sum())
+    rows = table.sum(axis=1).astype(object)
+    cols = table.sum(axis=0).astype(object)
+    # Ordered pairs of distinct samples: in the same cluster only, the same label only, both,
+    # neither (scikit-learn's pair_confusion_matrix).
+    same_cluster = int((table.astype(object) @ cols).sum()) - squares
+    same_label = int((table.T.astype(object) @ rows).sum()) - squares
+    together = squares - n
+    apart = n * n - same_cluster - same_label - squares
+    if same_cluster == 0 and same_label == 0:
+        return 1.0
+    numerator = 2.0 * (together * apart - same_label * same_cluster)
+    denominator = (together + same_label) * (same_label + apart) + (together + same_cluster) * (
+        same_cluster + apart
+    )
+    return float(numerator / denominator)
 
 
 def nmi(table: np.ndarray) -> float:
