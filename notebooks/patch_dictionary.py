@@ -54,7 +54,7 @@ if SMALL:
     work = Path(tempfile.mkdtemp(prefix="dkm-notebook-"))
     job["model"].update(k=[16, 32], max_iter=5)
     job["data"]["store"] = str(work / "mnist-5k.zarr")
-    job["output"].update(store=str(work / "patch-dictionary.zarr"), report=False)
+    job["output"].update(store=str(work / "patch-dictionary.zarr"))
 else:
     os.chdir(ROOT)  # the job's relative paths (data/, results/) are the repository's
 spec = dkm.parse_job(job, "jobs/patch-dictionary.yaml")

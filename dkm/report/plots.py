@@ -1,4 +1,4 @@
-"""Figures of a job's results, written as PNG files (matplotlib, headless)."""
+"""Figures of a job's results, written as PNG files (matplotlib figures without pyplot)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # jobs run on servers without a display
-
-import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 __all__ = [
     "centroid_tiles",
@@ -46,23 +43,26 @@ def centroid_tiles(
     centroids = np.asarray(centroids)
     if int(np.prod(tile_shape)) != centroids.shape[1]:
         raise ValueError(f"tile shape {tile_shape} does not hold {centroids.shape[1]} features")
-    shown = centroids[:max_tiles]
+    shown = np.clip(centroids[:max_tiles], 0, 1).reshape(-1, *tile_shape)
     cols = math.ceil(math.sqrt(len(shown)))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(cols * 0.6 + 0.4, rows * 0.6 + 0.6), squeeze=False
+    # One mosaic image (tiles on a white grid), drawn with one imshow: a grid of hundreds of
+    # axes takes matplotlib seconds per figure.
+    h, w = tile_shape[:2]
+    channels = tile_shape[2:]
+    mosaic = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, *channels), dtype=np.float32)
+    for i, tile in enumerate(shown):
+        r, c = divmod(i, cols)
+        mosaic[1 + r * (h + 1) : (r + 1) * (h + 1), 1 + c * (w + 1) : (c + 1) * (w + 1)] = tile
+    fig, ax = _subplots(figsize=(cols * 0.6 + 0.4, rows * 0.6 + 0.6))
+    ax.set_axis_off()
+    ax.imshow(
+        mosaic,
+        cmap="gray" if not channels else None,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
     )
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, c in zip(axes.flat, shown, strict=False):
-        tile = np.clip(c.reshape(tile_shape), 0, 1)
-        ax.imshow(
-            tile,
-            cmap="gray" if len(tile_shape) == 2 else None,
-            vmin=0,
-            vmax=1,
-            interpolation="nearest",
-        )
     suffix = f" (first {max_tiles} of {len(centroids)})" if len(centroids) > max_tiles else ""
     fig.suptitle(f"{title}{suffix}", fontsize=9)
     return _save(fig, path)
@@ -84,7 +84,7 @@ def inertia_curves(histories: Mapping[str, xr.Dataset], path: str | Path) -> Pat
         for var, xlabel, ylabel in panels
     ]
     drawn = [panel for panel in drawn if panel[3]] or [(*panels[0], {})]
-    fig, axes = plt.subplots(1, len(drawn), figsize=(6 * len(drawn), 4), squeeze=False)
+    fig, axes = _subplots(1, len(drawn), figsize=(6 * len(drawn), 4), squeeze=False)
     for ax, (var, xlabel, ylabel, runs) in zip(axes[0], drawn, strict=True):
         for name, hist in runs.items():
             ax.plot(np.arange(1, hist.sizes["iteration"] + 1), hist[var].values, label=name)
@@ -127,7 +127,7 @@ def _elbows(sweep: xr.Dataset) -> dict[str | None, int]:
     return {None: knee} if knee > 0 else {}
 
 
-def _k_axis(ax: plt.Axes, sweep: xr.Dataset) -> None:
+def _k_axis(ax: Axes, sweep: xr.Dataset) -> None:
     k = sweep["k"].values
     if len(k) and k.max() / max(k.min(), 1) >= 8:
         ax.set_xscale("log", base=2)
@@ -147,7 +147,7 @@ def metric_against_k(sweep: xr.Dataset, metric: str, path: str | Path) -> Path:
     path : path-like
         The PNG to write.
     """
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     elbows = _elbows(sweep) if metric == "inertia" else {}
     for i, (algorithm, k, values) in enumerate(_by_algorithm(sweep, metric)):
         color = f"C{i}"
@@ -177,7 +177,7 @@ def image_error_against_k(sweep: xr.Dataset, path: str | Path) -> Path:
     """
     if "image_rmse" not in sweep:
         raise ValueError("the sweep has no image_rmse")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     styles = [("image_rmse", "o-", "nearest centroid"), ("sparse_image_rmse", "s--", "sparse")]
     for metric, style, how in styles:
         if metric not in sweep:
@@ -230,7 +230,7 @@ def reconstruction_grid(
     pairs = math.ceil(shown / cols)
     height, width = originals.shape[1:3]
     cell = 1.0  # inches per image, whatever its pixels: 100 px at the dpi of _save
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         2 * pairs,
         cols,
         figsize=(cols * cell * width / max(height, width) + 1.2, 2 * pairs * cell + 0.6),
@@ -252,7 +252,7 @@ def reconstruction_grid(
     return _save(fig, path)
 
 
-def _draw(ax: plt.Axes, image: np.ndarray) -> None:
+def _draw(ax: Axes, image: np.ndarray) -> None:
     image = np.clip(image.astype(np.float32), 0, 1)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
@@ -262,10 +262,17 @@ def _draw(ax: plt.Axes, image: np.ndarray) -> None:
         ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
+
+
+def _subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any):
+    """A figure and its axes without pyplot: drawing a report never switches the backend
+    of the process (a notebook that runs a job keeps showing its own figures) and needs no
+    display."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
