@@ -272,10 +272,16 @@ def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, flo
     )
 
 
+def _confusion_wanted(spec: JobSpec, features: Features) -> bool:
+    return features.labels is not None and any(
+        evaluate.METRICS[m].needs_labels for m in spec.metrics
+    )
+
+
 def _confusion(spec: JobSpec, est, features: Features) -> dict[str, tuple]:
     """The contingency table and the Hungarian confusion matrix of a run whose job scores
     it against the samples' labels (stored as run variables)."""
-    if features.labels is None or not any(evaluate.METRICS[m].needs_labels for m in spec.metrics):
+    if not _confusion_wanted(spec, features):
         return {}
     predicted = _predicted(est, features)
     found = evaluate.confusion_matrices(features.labels, predicted, _n_clusters(est))
@@ -423,7 +429,10 @@ class _JobRunner:
         missing = [m for m in self.spec.metrics if m not in metrics]
         want_labels = self.spec.output.labels and "labels" not in attrs.get("variables", [])
         images = self.images.missing(attrs) if self.images is not None else (False,) * 3
-        if not (missing or want_labels or any(images)):
+        want_confusion = "contingency" not in attrs.get("variables", []) and bool(
+            _confusion_wanted(self.spec, self.features)
+        )
+        if not (missing or want_labels or any(images) or want_confusion):
             log.info("%s: already complete, kept", name)
             return RunOutcome(name, model.algorithm, k, "reused", metrics)
         est = load_model(self.results.path, name)
@@ -433,6 +442,8 @@ class _JobRunner:
             est.labels_ = est.predict(self._input())
             added["labels"] = ((self.features.X.dims[0],), est.labels_)
         metrics.update(_run_metrics(self.spec, est, self.features, missing))
+        if "contingency" not in attrs.get("variables", []):
+            added.update(_confusion(self.spec, est, self.features))
         if any(images):
             found, variables = self.images(_dictionary(est), *images)
             metrics.update(found)

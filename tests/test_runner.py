@@ -150,6 +150,7 @@ def test_editing_a_job_keeps_what_did_not_change(tmp_path, client):
     for name in ("lloyd-k4", "lloyd-k10", "lloyd-k16"):
         run = tree[f"runs/{name}"]
         assert 0 < run.attrs["metrics"]["homogeneity"] <= 1 and run["labels"].shape == (1797,)
+        assert run["contingency"].values.sum() == 1797  # added to the kept runs too
     # The added labels are those of the stored model.
     ref = load_model(tmp_path / "o.zarr", "lloyd-k10").predict(
         xr.open_zarr(tmp_path / "digits.zarr")["images"].values.reshape(1797, -1) / np.float32(255)
