@@ -504,7 +504,13 @@ class _JobRunner:
                     warning.message, warning.category, warning.filename, warning.lineno
                 )
         seconds = time.perf_counter() - start
-        if getattr(est, "labels_", None) is None and spec.output.labels:
+        # Predicted once (a mixture has no labels_ of its own): labels, label metrics and the
+        # confusion matrices all read them.
+        uses_labels = any(
+            evaluate.METRICS[m].needs_labels or evaluate.METRICS[m].needs_features
+            for m in spec.metrics
+        )
+        if getattr(est, "labels_", None) is None and (spec.output.labels or uses_labels):
             est.labels_ = est.predict(self._input())
         metrics = _model_metrics(est, self._input(), int(self.features.X.shape[0]))
         metrics.update(_run_metrics(spec, est, self.features, spec.metrics))

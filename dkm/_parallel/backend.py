@@ -146,6 +146,18 @@ class Backend:
             return combine(*self.gather(futures))
         return self.gather(self.tree_reduce(futures, combine, name))
 
+    def reduce_tasks(self, n: int, nbytes: int) -> int:
+        """How many combine tasks :meth:`reduce` submits for ``n`` partials of ``nbytes``
+        (none when they are combined here)."""
+        if self.reduces_on_client(n, nbytes):
+            return 0
+        every = int(config.get("backend.split-every"))
+        total = 0
+        while n > 1:
+            n = -(-n // every)
+            total += n
+        return total
+
     def tree_reduce(self, futures: list, combine: Callable, name: str):
         """Combine futures in groups of ``dkm.backend.split-every`` (a tree, not a chain)."""
         every = int(config.get("backend.split-every"))

@@ -12,6 +12,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from sklearn.base import BaseEstimator
+from sklearn.utils import check_random_state
 
 from dkm import config
 from dkm._parallel.blocks import Source, as_source
@@ -148,6 +149,19 @@ class ParallelEstimator(BaseEstimator):
         if out_cols is None:
             return dsk.map_blocks(fn, *args, drop_axis=1, dtype=dtype)
         return dsk.map_blocks(fn, *args, chunks=(dsk.chunks[0], (out_cols,)), dtype=dtype)
+
+    def _sum_rows(self, X: Any, fn: Callable[..., np.ndarray], args: tuple) -> float:
+        """The sum over the row chunks of ``X`` of ``fn(rows, *args)`` (one float64 each),
+        computed."""
+        parts = self._map_rows(X, fn, args, out_cols=None, dtype=np.float64, per_chunk=True)
+        if hasattr(parts, "compute"):
+            parts = parts.compute()
+        return float(np.sum(parts))
+
+    def _draw_seeds(self, n: int) -> list[int]:
+        """The seed of each start, drawn up front so a resumed fit uses the same ones."""
+        rs = check_random_state(self.random_state)
+        return [int(rs.randint(np.iinfo(np.int32).max)) for _ in range(n)]
 
     def __getstate__(self):
         # labels_ may hold futures of blocks on a cluster; pickle their values instead so

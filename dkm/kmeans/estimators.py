@@ -54,11 +54,6 @@ class _KMeansBase(ClusterMixin, TransformerMixin, ParallelEstimator):
         if not isinstance(self.init, str):
             check_init_array(self.init, self.n_clusters, n_features)
 
-    def _draw_seeds(self, n: int) -> list[int]:
-        """The seed of each start, drawn up front so a resumed fit uses the same ones."""
-        rs = check_random_state(self.random_state)
-        return [int(rs.randint(np.iinfo(np.int32).max)) for _ in range(n)]
-
     def _initialize(
         self, blocks: Blocks, seed: int, keys: Keys, center_blocks: bool
     ) -> tuple[np.ndarray, dict]:
@@ -150,17 +145,7 @@ class _KMeansBase(ClusterMixin, TransformerMixin, ParallelEstimator):
 
     def score(self, X: Any, y=None) -> float:
         """Opposite of the sum of squared distances to the nearest centroid (computed)."""
-        parts = self._map_rows(
-            X,
-            _kernels.score_chunk,
-            self._kernel_args(),
-            out_cols=None,
-            dtype=np.float64,
-            per_chunk=True,
-        )
-        if hasattr(parts, "compute"):
-            parts = parts.compute()
-        return -float(np.sum(parts))
+        return -self._sum_rows(X, _kernels.score_chunk, self._kernel_args())
 
     def fit_predict(self, X: Any, y=None, sample_weight=None):
         """Fit and return the labels (numpy for numpy input, else the lazy ``labels_``)."""

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dkm import config
 from dkm._parallel import kernels
 from dkm._parallel.blocks import Blocks
 from dkm._parallel.kernels import Tiles
@@ -150,16 +149,6 @@ class _EmptyHandler:
         return empty, fixed, passes
 
 
-def _tree_tasks(n: int) -> int:
-    """Number of combine tasks the backend's tree reduction submits for ``n`` inputs."""
-    every = int(config.get("backend.split-every"))
-    total = 0
-    while n > 1:
-        n = -(-n // every)
-        total += n
-    return total
-
-
 def assign_pass(
     blocks: Blocks,
     C: np.ndarray,
@@ -269,7 +258,7 @@ def lloyd(
     C = np.asarray(centers, dtype=dtype).astype(np.float64)
     k = C.shape[0]
     part_bytes = k * (blocks.d + 1) * 8
-    n_tasks = 3 * nb + (0 if blocks.backend.reduces_on_client(nb, part_bytes) else _tree_tasks(nb))
+    n_tasks = 3 * nb + blocks.backend.reduce_tasks(nb, part_bytes)
     prev_labels: list = [None] * nb
     hist: dict[str, list] = {key: [] for key in HISTORY_KEYS}
     first, stopped, inertia = 0, None, None

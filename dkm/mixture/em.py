@@ -31,7 +31,7 @@ from dkm._parallel.blocks import Blocks
 from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
 from dkm.kmeans.init import initialize
-from dkm.kmeans.lloyd import _tree_tasks, lloyd
+from dkm.kmeans.lloyd import lloyd
 from dkm.mixture import _kernels
 from dkm.mixture._kernels import COVARIANCE_TYPES, Stats
 
@@ -215,7 +215,7 @@ def tasks_per_iteration(blocks: Blocks, k: int, covariance_type: str) -> int:
     """Tasks :func:`estep_pass` submits: one per block, plus the tree when reduced there."""
     nb = blocks.nblocks
     nbytes = _kernels.stats_nbytes(k, blocks.d, covariance_type)
-    return nb + (0 if blocks.backend.reduces_on_client(nb, nbytes) else _tree_tasks(nb))
+    return nb + blocks.backend.reduce_tasks(nb, nbytes)
 
 
 def _row_stats(blocks: Blocks, rows: np.ndarray, covariance_type: str, keys: Keys) -> Stats:

@@ -18,7 +18,6 @@ import numpy as np
 import xarray as xr
 from sklearn.base import DensityMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state
 
 from dkm._parallel.backend import get_backend
 from dkm._parallel.base import FitState, ParallelEstimator, history_dataset
@@ -224,11 +223,6 @@ class GaussianMixture(DensityMixin, ParallelEstimator):
                 self.precisions_init, self.covariance_type, k, n_features
             ),
         }
-
-    def _draw_seeds(self, n: int) -> list[int]:
-        """The seed of each start, drawn up front so a resumed fit uses the same ones."""
-        rs = check_random_state(self.random_state)
-        return [int(rs.randint(np.iinfo(np.int32).max)) for _ in range(n)]
 
     # ------------------------------------------------------------------ fit
 
@@ -451,17 +445,8 @@ class GaussianMixture(DensityMixin, ParallelEstimator):
 
     def score(self, X: Any, y=None) -> float:
         """Mean log-likelihood of the samples (computed)."""
-        parts = self._map_rows(
-            X,
-            _kernels.score_chunk,
-            self._kernel_args(),
-            out_cols=None,
-            dtype=np.float64,
-            per_chunk=True,
-        )
-        if hasattr(parts, "compute"):
-            parts = parts.compute()
-        return float(np.sum(parts)) / self._source(X).shape[0]
+        total = self._sum_rows(X, _kernels.score_chunk, self._kernel_args())
+        return total / self._source(X).shape[0]
 
     def _n_parameters(self) -> int:
         """Free parameters of the model (scikit-learn's count)."""

@@ -104,6 +104,13 @@ def _elbow_text(sweep) -> str:
     return f"k={knee}" if knee > 0 else "none"
 
 
+# Stored reconstructions drawn next to their originals: variable, how, figure caption.
+_GRIDS = (
+    ("reconstructions", "nearest-centroid", "reconstructions"),
+    ("sparse_reconstructions", "sparse-coding", "sparse-coding reconstructions"),
+)
+
+
 def write_report(store: str | Path, out: str | Path | None = None) -> Path:
     """Write PNG figures and ``index.html`` for a results store.
 
@@ -177,24 +184,17 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
                 title=f"{what} of {name}",
             )
             figures.append((png.name, f"{what.capitalize()} of {name}"))
-        if "originals" in run and "reconstructions" in run:
+        for var, how, caption in _GRIDS:
+            if "originals" not in run or var not in run:
+                continue
             png = plots.reconstruction_grid(
                 run["originals"].values,
-                run["reconstructions"].values,
-                out / f"reconstructions-{name}.png",
+                run[var].values,
+                out / f"{var.replace('_', '-')}-{name}.png",
                 n=run.sizes["image"],
-                title=f"{name}: originals (above) and nearest-centroid reconstructions",
+                title=f"{name}: originals (above) and {how} reconstructions",
             )
-            figures.append((png.name, f"Originals and reconstructions of {name}"))
-        if "originals" in run and "sparse_reconstructions" in run:
-            png = plots.reconstruction_grid(
-                run["originals"].values,
-                run["sparse_reconstructions"].values,
-                out / f"sparse-reconstructions-{name}.png",
-                n=run.sizes["image"],
-                title=f"{name}: originals (above) and sparse-coding reconstructions",
-            )
-            figures.append((png.name, f"Originals and sparse-coding reconstructions of {name}"))
+            figures.append((png.name, f"Originals and {caption} of {name}"))
     if complete:
         parts.append("<h2>Runs</h2>")
         header = ["run", "algorithm", "k", "iterations", "inertia", *metric_names, "seconds"]
