@@ -792,11 +792,27 @@ def verify(store: Path, scheduler: str | None) -> None:
 @click.argument("store", type=click.Path(path_type=Path))
 @_user_errors
 def info(store: Path) -> None:
-    """Describe a dataset, patch or results store."""
-    if store_kind(store) == "results":
+    """Describe a dataset, patch, feature or results store."""
+    kind = store_kind(store)
+    if kind == "results":
         _show(store)
-    else:
-        click.echo(open_dataset(store))
+        return
+    ds = open_dataset(store)
+    if kind == "features":
+        click.echo(_features_line(store, ds))
+    click.echo(ds)
+
+
+def _features_line(path: Path, ds) -> str:
+    """One line on a learned feature store: what learned it, from which split of what."""
+    attrs = ds.attrs
+    n, width = ds["features"].shape
+    learner = attrs.get("kind", "learned")
+    source = attrs.get("source_store", "an unrecorded dataset store")
+    return (
+        f"{path.resolve()}: {learner} features, {width} per sample, of {n} samples; "
+        f"fitted on split {attrs.get('fit_split', 'all')!r} of {source}"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

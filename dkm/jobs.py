@@ -22,7 +22,8 @@ import yaml
 from dkm import algorithms, evaluate
 from dkm._validation import Interval, Options, describe, problems, short_repr
 from dkm.data import catalog
-from dkm.features import FEATURE_KINDS, SPLITS, PatchLayout
+from dkm.features import FEATURE_KINDS, SPLITS, PatchLayout, autoencoder
+from dkm.features.learned import LEARNED_RULES, learner_from, learner_problems
 
 __all__ = [
     "ClusterSpec",
@@ -74,6 +75,17 @@ class FeatureSpec:
     patches_per_image: int | None = None
     normalize: str | None = None
     seed: int = 0
+    # The learned kinds' own keys (n_components, whiten, filters, ...), as the job gives them;
+    # their defaults belong to the learner (dkm.features.learned).
+    learned: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def learner(self) -> Any:
+        """The learned-feature spec (:mod:`dkm.features.learned`) of a ``pca`` or
+        ``autoencoder`` job, else None."""
+        if self.kind not in LEARNED_RULES:
+            return None
+        return learner_from(self.kind, {**self.learned, "seed": self.seed})
 
     @property
     def layout(self) -> PatchLayout | None:
@@ -170,7 +182,16 @@ class JobSpec:
     evaluate: tuple[str, ...] = ("inertia",)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     sparse_coding: Any = None  # a dkm.coding.SparseCoding when evaluate asks for one
+    # Splits scored besides the fitted samples (evaluate.on), and the silhouette's sample.
+    evaluate_on: tuple[str, ...] = ()
+    silhouette_sample: int | None = None
 
+    @property
+    def heldout(self) -> tuple[str, ...]:
+        """The splits of ``evaluate.on`` other than the one fitted: each is scored with the
+        model (and the cluster-to-label maps) of the fitted samples, its metrics stored as
+        ``<split>_<metric>``."""
+        return tuple(s for s in self.evaluate_on if s != self.features.split)
     @property
     def metrics(self) -> tuple[str, ...]:
         """Every metric a run records: the job's, plus the image errors every patch run
@@ -187,9 +208,13 @@ class JobSpec:
         out = _plain(dataclasses.asdict(self))
         model = out.pop("model")
         out["model"] = {"algorithm": model["algorithm"], "k": model["k"], **model["params"]}
+        out["features"].update(out["features"].pop("learned"))
         coding = out.pop("sparse_coding")
+        on, sample = out.pop("evaluate_on"), out.pop("silhouette_sample")
         if coding is not None:
             out["evaluate"] = [*out["evaluate"], {"sparse_coding": self.sparse_coding.to_dict()}]
+        if on or sample is not None:
+            out["evaluate"] = {"metrics": out["evaluate"], "on": on, "silhouette_sample": sample}
         return out
 
 
@@ -216,6 +241,8 @@ _SECTION_RULES: dict[str, dict[str, list]] = {
         "size": [Interval(int, 1), None],
         "store": ["string", None],
         "split": [Options(*SPLITS)],
+        # The learned kinds' keys; _features_problems checks them against their kind's rules.
+        **{key: r for rules in LEARNED_RULES.values() for key, r in rules.items() if key != "seed"},
     },
     "output": {
         "store": ["string"],
@@ -352,6 +379,7 @@ def _model(found: _Problems, raw: Any) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         found.add("model", f"expected a mapping, got {type(raw).__name__}")
         return {}
+    before = len(found)
     names = _algorithm_names(found, raw.get("algorithm", "lloyd"))
     if not names:
         return {}
@@ -374,29 +402,80 @@ def _model(found: _Problems, raw: Any) -> dict[str, Any]:
             m for name in takers for _, m in problems({key: value}, rules_of[name])
         ):
             found.add(f"model.{key}", message)
+    if len(found) == before:  # rules between parameters, once each passes its own
+        for name in names:
+            entry = algorithms.get(name)
+            taken = {key: v for key, v in params.items() if key in rules_of[name]}
+            for key, message in entry.estimator.joint_problems(entry.params(taken)):
+                found.add(f"model.{key}", message)
     algorithm: str | tuple[str, ...] = names[0] if len(names) == 1 else names
     return {"algorithm": algorithm, "k": k, "params": dict(params)}
 
 
-def _features_problems(found: _Problems, features: dict[str, Any]) -> None:
-    if features.get("kind") == "patches":
+_LEARNED_KEYS = {key for rules in LEARNED_RULES.values() for key in rules if key != "seed"}
+
+
+def _features_problems(found: _Problems, features: dict[str, Any]) -> dict[str, Any]:
+    """Checks across the features keys; moves the learned kinds' keys under ``learned``."""
+    kind = features.get("kind", "pixels")
+    learned = {key: features.pop(key) for key in list(features) if key in _LEARNED_KEYS}
+    if kind == "patches":
         if features.get("size") is None:
             found.add("features.size", "required when kind is patches")
-    elif any(
-        features.get(key) for key in ("size", "stride", "pad", "drop_empty", *_SAMPLING_KEYS)
-    ):
-        found.add("features.kind", f"size/stride/pad/drop_empty/{'/'.join(_SAMPLING_KEYS)} "
-                  "need kind: patches")
+    else:
+        sampling = ("patches_per_image", "normalize") if kind in LEARNED_RULES else _SAMPLING_KEYS
+        if any(features.get(key) for key in ("size", "stride", "pad", "drop_empty", *sampling)):
+            found.add(
+                "features.kind",
+                f"size/stride/pad/drop_empty/{'/'.join(sampling)} need kind: patches",
+            )
+    rules = LEARNED_RULES.get(kind, {})
+    for key in learned:
+        if key not in rules:
+            takers = [k for k, r in LEARNED_RULES.items() if key in r]
+            found.add(f"features.{key}", f"needs kind: {' or '.join(takers)}")
+    if kind == "autoencoder" and autoencoder.missing_extra():
+        found.add("features.kind", autoencoder.MISSING_EXTRA.removeprefix("features.kind: "))
+    if kind in LEARNED_RULES:
+        given = {k: v for k, v in learned.items() if k in rules}
+        for key, message in learner_problems(kind, {**given, "seed": features.get("seed", 0)}):
+            found.add(f"features.{key}", message)
+    features["learned"] = learned
+    return features
 
 
-def _evaluate(found: _Problems, raw: Any, kind: str) -> tuple[tuple[str, ...], Any]:
-    """``evaluate``: metric names, and at most one ``{sparse_coding: {method: ..., ...}}``
-    step; returns the names and the :class:`~dkm.coding.SparseCoding` (or None)."""
-    entries = [raw] if isinstance(raw, str | Mapping) else raw
+_EVALUATE_KEYS = ("metrics", "on", "silhouette_sample", "sparse_coding")
+
+
+def _evaluate(found: _Problems, raw: Any, kind: str) -> dict[str, Any]:
+    """``evaluate``: a list of metric names and at most one ``{sparse_coding: {...}}`` step,
+    or the mapping ``{metrics, on, silhouette_sample, sparse_coding}``; returns the JobSpec
+    fields it sets (``evaluate``, ``sparse_coding``, ``evaluate_on``, ``silhouette_sample``)."""
+    out: dict[str, Any] = {}
+    if isinstance(raw, Mapping) and set(raw) - {"sparse_coding"}:
+        unknown = [str(k) for k in raw if k not in _EVALUATE_KEYS]
+        if unknown:
+            found.add(
+                f"evaluate.{unknown[0]}",
+                f"unknown key (expected one of: {', '.join(_EVALUATE_KEYS)})",
+            )
+        metrics = raw.get("metrics", ["inertia"])
+        entries = [metrics] if isinstance(metrics, str) else metrics
+        if "sparse_coding" in raw and isinstance(entries, list):
+            entries = [*entries, {"sparse_coding": raw["sparse_coding"]}]
+        out["evaluate_on"] = _evaluate_on(found, raw.get("on", []), kind)
+        sample = raw.get("silhouette_sample")
+        if sample is not None:
+            bad = problems({"silhouette_sample": sample}, evaluate.SILHOUETTE_RULES)
+            for _, message in bad:
+                found.add("evaluate.silhouette_sample", message)
+            out["silhouette_sample"] = None if bad else sample
+    else:
+        entries = [raw] if isinstance(raw, str | Mapping) else raw
     expected = "a list of metric names and {sparse_coding: {...}}"
     if not isinstance(entries, list):
         found.add("evaluate", f"expected {expected}, got {short_repr(raw)}")
-        return (), None
+        return out
     names, coding, bad = [], None, []
     for entry in entries:
         if isinstance(entry, Mapping):
@@ -422,7 +501,37 @@ def _evaluate(found: _Problems, raw: Any, kind: str) -> tuple[tuple[str, ...], A
             found.add("evaluate", f"{metric} needs features.kind: patches")
         elif info.needs_coding and coding is None:
             found.add("evaluate", f"{metric} needs a sparse_coding step in evaluate")
-    return tuple(dict.fromkeys(names)), coding
+    if out.get("silhouette_sample") is not None and "silhouette" not in names:
+        found.add("evaluate.silhouette_sample", "is the silhouette's sample: add silhouette "
+                  "to evaluate.metrics, or remove it")
+    return {**out, "evaluate": tuple(dict.fromkeys(names)), "sparse_coding": coding}
+
+
+def _evaluate_on(found: _Problems, raw: Any, kind: str) -> tuple[str, ...]:
+    """``evaluate.on``: the splits to score (the fitted one and held-out ones)."""
+    splits = [raw] if isinstance(raw, str) else raw
+    named = [s for s in SPLITS if s != "all"]
+    if not isinstance(splits, list) or any(s not in named for s in splits):
+        found.add("evaluate.on", f"expected a list of splits ({', '.join(named)}), got "
+                  f"{short_repr(raw)}")
+        return ()
+    if splits and kind == "patches":
+        found.add("evaluate.on", "held-out scoring scores samples; patches are not samples "
+                  "(use kind pixels, pca or autoencoder)")
+        return ()
+    return tuple(dict.fromkeys(splits))
+
+
+def _mixture_problems(found: _Problems, names: tuple[str, ...], model: dict[str, Any]) -> None:
+    algorithms_ = model.get("algorithm")
+    if algorithms_ is None:
+        return
+    algorithms_ = (algorithms_,) if isinstance(algorithms_, str) else algorithms_
+    if "gmm" in algorithms_:
+        return
+    for metric in names:
+        if evaluate.METRICS[metric].needs_mixture if metric in evaluate.METRICS else False:
+            found.add("evaluate", f"{metric} scores a mixture: needs model.algorithm: gmm")
 
 
 def _sparse_coding(found: _Problems, entry: Mapping, kind: str, earlier: Any) -> Any:
@@ -483,12 +592,11 @@ def parse_job(raw: Any, source: str = "job") -> JobSpec:
         for key, message in catalog.check_options(data["dataset"], data.get("options", {})):
             found.add(f"data.options.{key}", message)
 
-    features = _section(found, raw.get("features"), "features")
-    _features_problems(found, features)
+    features = _features_problems(found, _section(found, raw.get("features"), "features"))
     model = _model(found, raw["model"]) if "model" in raw else {}
-    metrics, coding = _evaluate(
-        found, raw.get("evaluate", ["inertia"]), features.get("kind", "pixels")
-    )
+    scoring = _evaluate(found, raw.get("evaluate", ["inertia"]), features.get("kind", "pixels"))
+    _mixture_problems(found, scoring.get("evaluate", ()), model)
+    coding = scoring.get("sparse_coding")
     output = _section(found, raw.get("output"), "output") if "output" in raw else {}
     cluster = _section(found, raw.get("cluster"), "cluster")
     address = cluster.get("address")
@@ -518,8 +626,7 @@ def parse_job(raw: Any, source: str = "job") -> JobSpec:
         data=DataSpec(**data),
         features=FeatureSpec(**features),
         model=ModelSpec(**model),
-        evaluate=metrics,
-        sparse_coding=coding,
+        **scoring,
         output=OutputSpec(**output),
         cluster=ClusterSpec(**cluster),
     )
@@ -550,7 +657,24 @@ def check_against_data(
             )
             return list(found)
         n = shape.splits.get(f.split, n)
+    for split in spec.evaluate_on:
+        if split not in shape.splits:
+            have = ", ".join(shape.splits) if shape.splits else "no split variable"
+            found.add("evaluate.on", f"{where} has no {split!r} samples (it has: {have})")
+    if spec.silhouette_sample is not None and spec.silhouette_sample > n:
+        found.add(
+            "evaluate.silhouette_sample",
+            f"{spec.silhouette_sample} > the {n} samples clustered in {where}; leave it out to "
+            "score them all",
+        )
     what, bound = "samples", ""
+    if f.kind in LEARNED_RULES:
+        for key, message in f.learner.data_problems(
+            n, shape.sample_shape, images=shape.has_images
+        ):
+            found.add(f"features.{key}", f"{message} ({where})")
+        if found:
+            return list(found)
     if f.kind == "patches":
         if not shape.has_images:
             found.add(

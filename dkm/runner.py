@@ -58,7 +58,9 @@ def run_identity(model: ModelSpec, k: int, features: dict[str, Any]) -> dict[str
         "features": features,
         "algorithm": model.algorithm,
         "k": int(k),
-        "params": model.resolved(),
+        # A parameter left at None means "the estimator's own behaviour": leaving it out keeps
+        # finished runs valid when a release adds a parameter with a None default.
+        "params": {key: v for key, v in model.resolved().items() if v is not None},
     }
 
 
@@ -147,7 +149,12 @@ def plan_job(spec: JobSpec, *, fresh: bool = False, resume: bool = False) -> Pla
     if ready:
         f = spec.features
         identity = features_identity(
-            spec.data.store, kind=f.kind, layout=f.layout, split=f.split, store=f.store
+            spec.data.store,
+            kind=f.kind,
+            layout=f.layout,
+            split=f.split,
+            store=f.store,
+            learner=f.learner,
         )
     for model in spec.model.each():
         for k in spec.model.k:
@@ -251,16 +258,40 @@ def _predicted(est, features: Features):
     return labels if labels is not None else est.predict(features.X)
 
 
-def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, float]:
-    """The metrics of ``names`` that need no image reconstruction."""
-    names = [m for m in names if not evaluate.METRICS[m].needs_coding and m not in _IMAGE_ERRORS]
+def _scored(names) -> list[str]:
+    """The metrics of ``names`` scored from the features and clusters (not those of rebuilt
+    images, nor a mixture's, which :func:`_model_metrics` records)."""
+    return [
+        m
+        for m in names
+        if not (evaluate.METRICS[m].needs_coding or evaluate.METRICS[m].needs_mixture)
+        and m not in _IMAGE_ERRORS
+    ]
+
+
+def _run_metrics(
+    spec: JobSpec,
+    est,
+    features: Features,
+    names,
+    *,
+    labels_pred=None,
+    inertia: float | None = None,
+    fitted_table: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The metrics of ``names`` that need no image reconstruction, on ``features`` (the
+    fitted samples, or a held-out split scored with ``labels_pred``, its ``inertia`` and the
+    fitted samples' contingency table ``fitted_table``)."""
+    names = _scored(names)
     info = [evaluate.METRICS[m] for m in names]
-    labels_pred = None
-    if any(m.needs_labels or m.needs_features for m in info):
+    if labels_pred is None and any(m.needs_labels or m.needs_features for m in info):
         labels_pred = _predicted(est, features)
+    if inertia is None:
+        inertia = float(getattr(est, "inertia_", np.nan))  # k-means only
+    names = [m for m in names if not (m in _INERTIA_METRICS and np.isnan(inertia))]
     return evaluate.compute_metrics(
         names,
-        inertia=float(getattr(est, "inertia_", np.nan)),  # k-means only
+        inertia=inertia,
         n_samples=features.n_vectors,
         n_features=features.X.shape[1],
         labels_true=features.labels,
@@ -269,7 +300,66 @@ def _run_metrics(spec: JobSpec, est, features: Features, names) -> dict[str, flo
         X=features.X if any(m.needs_features for m in info) else None,
         centroids=getattr(est, "cluster_centers_", None),
         random_state=int(getattr(est, "random_state", None) or 0),
+        fitted_contingency=fitted_table,
+        **_silhouette_sample(spec),
     )
+
+
+# A mixture has no inertia: these are left out of its runs rather than recorded as NaN.
+_INERTIA_METRICS = ("inertia", "j_clust", "reconstruction_error")
+
+
+def _silhouette_sample(spec: JobSpec) -> dict[str, int]:
+    return {} if spec.silhouette_sample is None else {"silhouette_sample": spec.silhouette_sample}
+
+
+def _heldout_names(spec: JobSpec, est) -> list[str]:
+    """The metric names recorded for every held-out split (without the split prefix) by a
+    run of ``est`` (an estimator or its class)."""
+    names = _scored(spec.evaluate)
+    if hasattr(est, "bic"):
+        names += list(evaluate.MIXTURE_METRICS)
+    return names
+
+
+def heldout_metrics(
+    spec: JobSpec, est, fitted: Features, heldout: dict[str, Features]
+) -> dict[str, float]:
+    """Every metric of the job on each held-out split, named ``<split>_<metric>``.
+
+    The model is the one fitted; the maps from clusters to labels (majority vote,
+    Hungarian matching) are those of the fitted samples, applied to the held-out samples'
+    clusters.
+    """
+    if not heldout:
+        return {}
+    names = _heldout_names(spec, est)
+    k = _n_clusters(est)
+    fitted_table = None
+    labelled = fitted.labels is not None
+    if labelled and any(evaluate.METRICS[m].needs_labels for m in names):
+        n_labels = 1 + max(int(f.labels.max().compute()) for f in (fitted, *heldout.values()))
+        fitted_table = evaluate.contingency(
+            fitted.labels, _predicted(est, fitted), k, n_labels=n_labels
+        )
+    out: dict[str, float] = {}
+    for split, features in heldout.items():
+        X = features.X
+        predicted = np.asarray(est.predict(X))  # a held-out split is scored whole, in memory
+        inertia = -float(est.score(X)) if hasattr(est, "inertia_") else np.nan
+        found = _run_metrics(
+            spec,
+            est,
+            features,
+            names,
+            labels_pred=predicted,
+            inertia=inertia,
+            fitted_table=fitted_table,
+        )
+        if hasattr(est, "bic"):
+            found.update(_model_metrics(est, X, int(X.shape[0]), recorded=False))
+        out.update({f"{split}_{m}": v for m, v in found.items()})
+    return out
 
 
 def _confusion_wanted(spec: JobSpec, features: Features) -> bool:
@@ -300,16 +390,23 @@ def _dictionary(est) -> np.ndarray:
     return centers if centers is not None else est.means_
 
 
-def _model_metrics(est, X, n_samples: int) -> dict[str, float]:
+def _model_metrics(est, X, n_samples: int, recorded: bool = True) -> dict[str, float]:
     """The scores every run of a model family records: k-means inertia; a mixture's lower
-    bound, BIC and AIC (from one scoring pass over the data, as scikit-learn defines them)."""
-    summary = est._stored_summary()
+    bound, log-likelihood, BIC and AIC (from one scoring pass over ``X``, as scikit-learn
+    defines them). ``recorded=False``: only the scores of ``X`` (no fit summary)."""
+    summary = est._stored_summary() if recorded else {}
     out = {m: summary[m] for m in ("inertia", "lower_bound") if m in summary}
     if hasattr(est, "bic"):
-        log_likelihood = float(est.score(X)) * n_samples
-        n_params = est._n_parameters()
-        out["bic"] = -2 * log_likelihood + n_params * np.log(n_samples)
-        out["aic"] = -2 * log_likelihood + 2 * n_params
+        out.update(
+            evaluate.compute_metrics(
+                evaluate.MIXTURE_METRICS,
+                inertia=np.nan,
+                n_samples=n_samples,
+                n_features=int(est.n_features_in_),
+                log_likelihood=float(est.score(X)),
+                n_parameters=est._n_parameters(),
+            )
+        )
     return out
 
 
@@ -390,8 +487,16 @@ class _ImageStep:
 class _JobRunner:
     """The loop over a job's runs, on a connected cluster."""
 
-    def __init__(self, spec: JobSpec, features: Features, results: ResultsStore, client):
+    def __init__(
+        self,
+        spec: JobSpec,
+        features: Features,
+        results: ResultsStore,
+        client,
+        heldout: dict[str, Features] | None = None,
+    ):
         self.spec, self.features, self.results = spec, features, results
+        self.heldout = heldout or {}
         self.client = client
         self.images = _ImageStep(spec, features) if features.images is not None else None
 
@@ -427,12 +532,18 @@ class _JobRunner:
         lacks."""
         metrics = dict(attrs.get("metrics", {}))
         missing = [m for m in self.spec.metrics if m not in metrics]
+        heldout = [
+            f"{split}_{m}"
+            for split in self.heldout
+            for m in _heldout_names(self.spec, model.entry.estimator)
+        ]
+        missing_heldout = [m for m in heldout if m not in metrics]
         want_labels = self.spec.output.labels and "labels" not in attrs.get("variables", [])
         images = self.images.missing(attrs) if self.images is not None else (False,) * 3
         want_confusion = "contingency" not in attrs.get("variables", []) and bool(
             _confusion_wanted(self.spec, self.features)
         )
-        if not (missing or want_labels or any(images) or want_confusion):
+        if not (missing or missing_heldout or want_labels or any(images) or want_confusion):
             log.info("%s: already complete, kept", name)
             return RunOutcome(name, model.algorithm, k, "reused", metrics)
         est = load_model(self.results.path, name)
@@ -442,6 +553,8 @@ class _JobRunner:
             est.labels_ = est.predict(self._input())
             added["labels"] = ((self.features.X.dims[0],), est.labels_)
         metrics.update(_run_metrics(self.spec, est, self.features, missing))
+        if missing_heldout:
+            metrics.update(heldout_metrics(self.spec, est, self.features, self.heldout))
         if "contingency" not in attrs.get("variables", []):
             added.update(_confusion(self.spec, est, self.features))
         if any(images):
@@ -450,7 +563,11 @@ class _JobRunner:
             added.update(variables)
             extra = self.images.attrs()
         self.results.add_to_run(name, {"metrics": metrics, **extra}, added or None)
-        log.info("%s: kept; added %s", name, ", ".join(dict.fromkeys([*missing, *added])))
+        log.info(
+            "%s: kept; added %s",
+            name,
+            ", ".join(dict.fromkeys([*missing, *missing_heldout, *added])),
+        )
         return RunOutcome(name, model.algorithm, k, "reused", metrics)
 
     def _input(self):
@@ -514,6 +631,7 @@ class _JobRunner:
             est.labels_ = est.predict(self._input())
         metrics = _model_metrics(est, self._input(), int(self.features.X.shape[0]))
         metrics.update(_run_metrics(spec, est, self.features, spec.metrics))
+        metrics.update(heldout_metrics(spec, est, self.features, self.heldout))
         variables = {**est._stored_model(), **_confusion(spec, est, self.features)}
         extra: dict[str, Any] = {}
         if self.images is not None:
@@ -571,8 +689,9 @@ def _data_error(spec: JobSpec, err: StoreError, damaged: bool) -> JobSpecError:
     return JobSpecError([("data.store", f"{err}{remedy}")], "job")
 
 
-def _prepare(spec: JobSpec) -> tuple[Path, Features]:
-    """Ingest the dataset if needed and build the features, errors named by job key."""
+def _prepare(spec: JobSpec) -> tuple[Path, Features, dict[str, Features]]:
+    """Ingest the dataset if needed and build the features (and those of every held-out
+    split of ``evaluate.on``), errors named by job key."""
     try:
         with store_lock(
             spec.data.store, purpose="ingest", wait=config.get_seconds("store.lock-wait")
@@ -588,14 +707,17 @@ def _prepare(spec: JobSpec) -> tuple[Path, Features]:
         raise _data_error(spec, err, damaged=True) from None
     _data_problems(spec, catalog.store_shape(data_store), spec.data.store)
     f = spec.features
+    common = {"kind": f.kind, "layout": f.layout, "store": f.store, "learner": f.learner}
     try:
-        features = build_features(
-            data_store, kind=f.kind, layout=f.layout, split=f.split, store=f.store
-        )
+        features = build_features(data_store, split=f.split, **common)
+        heldout = {
+            split: build_features(data_store, split=split, fit_split=f.split, **common)
+            for split in spec.heldout
+        }
     except StoreError as err:
         key = "features.store" if f.store else "features"
         raise JobSpecError([(key, f"{err}; set features.store to another path")], "job") from None
-    return data_store, features
+    return data_store, features, heldout
 
 
 def run_job(
@@ -662,7 +784,7 @@ def _run_locked(spec, scheduler, fresh, resume, performance_report) -> JobOutcom
 
             report_ctx = dask_report(filename=str(performance_report))
         with report_ctx:
-            _, features = _prepare(spec)
+            _, features, heldout = _prepare(spec)
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
             results.start_job(
                 {
@@ -677,7 +799,7 @@ def _run_locked(spec, scheduler, fresh, resume, performance_report) -> JobOutcom
                     },
                 }
             )
-            runner = _JobRunner(spec, features, results, client)
+            runner = _JobRunner(spec, features, results, client, heldout)
             outcomes: list[RunOutcome] = []
             try:
                 for model in spec.model.each():

@@ -99,7 +99,8 @@ def test_option_a_dataset_does_not_take(tmp_path):
     store = tmp_path / "d.zarr"
     with pytest.raises(
         ValueError,
-        match=r"dataset 'digits': grayscale: unknown option for dataset 'digits' \(it takes no",
+        match=r"dataset 'digits': grayscale: unknown option for dataset 'digits' \(expected: "
+        r"n_samples, seed, test_size\)",
     ):
         ingest("digits", store, grayscale=True)
     with pytest.raises(ValueError, match="digits ships inside scikit-learn and takes no source"):
@@ -512,8 +513,12 @@ def test_check_options(tmp_path):
         ),
         ("n_samples", "must be an integer >= 1, got 'abc'"),
     ]
-    assert check_options("digits", {"x": 1}) == [
-        ("x", "unknown option for dataset 'digits' (it takes no options)")
+    assert check_options("npz", {"x": 1}) == [
+        ("x", "unknown option for dataset 'npz' (it takes no options)")
+    ]
+    assert check_options("digits", {"test_size": 1.5, "n_samples": 0}) == [
+        ("test_size", "must be a finite number > 0 and < 1 or an integer >= 1 or null, got 1.5"),
+        ("n_samples", "must be an integer >= 1 or null, got 0"),
     ]
     assert check_options("images", {"grayscale": False, "size": (28, 28)}) == []
     assert check_options("images", {"size": [28]}) == [
@@ -725,3 +730,31 @@ def test_check_store_says_what_ingest_would_do(tmp_path):
         catalog.check_store("digits", tmp_path / "f")
     with pytest.raises(StoreError, match="never replaces"):
         catalog.check_store("digits", tmp_path / "f", overwrite=True)
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist-5k"])
+def test_bundled_datasets_take_a_stratified_subset_and_test_split(tmp_path, name):
+    from sklearn.model_selection import train_test_split
+
+    from dkm.data.catalog import known_shape, load
+
+    full = load(name)
+    ds = load(name, n_samples=500, test_size=0.2, seed=3)
+    split = ds["split"].values
+    assert ds.sizes["sample"] == 500
+    assert dict(zip(*np.unique(split, return_counts=True), strict=True)) == {
+        "test": 100,
+        "train": 400,
+    }
+    # scikit-learn's stratified draws, reproduced: the subset, then the test rows in it.
+    index, _ = train_test_split(
+        np.arange(full.sizes["sample"]),
+        train_size=500,
+        stratify=full["label"].values,
+        random_state=3,
+    )
+    np.testing.assert_array_equal(ds["images"].values, full["images"].values[np.sort(index)])
+    counts = np.bincount(ds["label"].values[split == "test"])
+    assert counts.max() - counts.min() <= 1  # stratified
+    shape = known_shape(name, {"n_samples": 500, "test_size": 0.2})
+    assert (shape.n_samples, shape.splits) == (500, {"train": 400, "test": 100})

@@ -320,3 +320,68 @@ def test_registry_flags():
         assert not evaluate.METRICS[name].needs_labels
     assert not any(vars(evaluate.METRICS["j_clust"])[f] for f in
                    ("needs_labels", "needs_features", "needs_patches", "needs_coding"))  # fmt: skip
+
+
+def _numpy_heldout_accuracy(y_fit, p_fit, y_test, p_test, k, one_to_one=False):
+    """The plain reference: the cluster -> label map of the fitted samples, applied to the
+    held-out samples' clusters (a cluster the fit never used predicts nothing)."""
+    n_labels = max(y_fit.max(), y_test.max()) + 1
+    table = np.zeros((n_labels, k), dtype=np.int64)
+    np.add.at(table, (y_fit, p_fit), 1)
+    if one_to_one:
+        rows, cols = linear_sum_assignment(table, maximize=True)
+        mapping = np.full(k, -1)
+        mapping[cols] = rows
+    else:
+        mapping = np.where(table.sum(axis=0) > 0, table.argmax(axis=0), -1)
+    return float(np.mean(mapping[p_test] == y_test))
+
+
+@pytest.mark.parametrize("k", [3, 10, 14])
+def test_heldout_accuracy_uses_the_fitted_samples_map(k):
+    rng = np.random.default_rng(k)
+    y_fit, y_test = rng.integers(0, 10, 600), rng.integers(0, 10, 250)
+    # Clusters that agree with the labels more often than not, one cluster unused by the fit.
+    p_fit = np.where(rng.random(600) < 0.7, y_fit % k, rng.integers(0, k, 600))
+    p_fit[p_fit == k - 1] = 0
+    p_test = np.where(rng.random(250) < 0.6, y_test % k, rng.integers(0, k, 250))
+    fitted = evaluate.contingency(y_fit, p_fit, k, n_labels=10)
+    found = evaluate.compute_metrics(
+        ["accuracy", "one_to_one_accuracy", "nmi"],
+        inertia=0.0,
+        n_samples=250,
+        n_features=1,
+        labels_true=da.from_array(y_test, chunks=64),
+        labels_pred=da.from_array(p_test, chunks=64),
+        n_clusters=k,
+        fitted_contingency=fitted,
+    )
+    assert found["accuracy"] == pytest.approx(
+        _numpy_heldout_accuracy(y_fit, p_fit, y_test, p_test, k), abs=1e-15
+    )
+    assert found["one_to_one_accuracy"] == pytest.approx(
+        _numpy_heldout_accuracy(y_fit, p_fit, y_test, p_test, k, one_to_one=True), abs=1e-15
+    )
+    # Map-free scores are the held-out samples' own.
+    assert found["nmi"] == pytest.approx(metrics.normalized_mutual_info_score(y_test, p_test))
+
+
+def test_mixture_metrics_are_scikit_learns_definitions():
+    from sklearn.mixture import GaussianMixture
+
+    X = np.random.default_rng(0).normal(size=(300, 3))
+    gm = GaussianMixture(3, random_state=0).fit(X)
+    n_params = gm._n_parameters()
+    found = evaluate.compute_metrics(
+        evaluate.MIXTURE_METRICS,
+        inertia=np.nan,
+        n_samples=300,
+        n_features=3,
+        log_likelihood=gm.score(X),
+        n_parameters=n_params,
+    )
+    assert found["bic"] == pytest.approx(gm.bic(X), rel=1e-12)
+    assert found["aic"] == pytest.approx(gm.aic(X), rel=1e-12)
+    assert found["log_likelihood"] == gm.score(X)
+    with pytest.raises(ValueError, match="bic need a mixture"):
+        evaluate.compute_metrics(["bic"], inertia=0.0, n_samples=3, n_features=1)

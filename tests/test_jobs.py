@@ -259,3 +259,100 @@ def test_sparse_coding_step_is_checked_by_its_own_rules():
     pixels["evaluate"] = [{"sparse_coding": {"method": "omp"}}]
     with pytest.raises(JobSpecError, match=r"needs features\.kind: patches"):
         parse_job(pixels)
+
+
+PIXELS = {
+    "name": "heldout",
+    "data": {"dataset": "mnist-5k", "store": "data/m.zarr", "options": {"test_size": 0.2}},
+    "features": {"kind": "pixels", "split": "train"},
+    "model": {"algorithm": "lloyd", "k": 10},
+    "output": {"store": "results/h.zarr"},
+}
+
+
+def test_evaluate_mapping_form_with_heldout_splits_and_a_silhouette_sample():
+    job = {
+        **PIXELS,
+        "evaluate": {
+            "metrics": ["accuracy", "silhouette"],
+            "on": ["train", "test"],
+            "silhouette_sample": 500,
+        },
+    }
+    spec = parse_job(job)
+    assert spec.evaluate == ("accuracy", "silhouette")
+    assert spec.evaluate_on == ("train", "test") and spec.heldout == ("test",)
+    assert spec.silhouette_sample == 500
+    again = parse_job(spec.to_dict())  # to_dict reads back
+    assert (again.evaluate, again.evaluate_on, again.silhouette_sample) == (
+        spec.evaluate,
+        spec.evaluate_on,
+        spec.silhouette_sample,
+    )
+    # The list form is the mapping's metrics alone.
+    assert parse_job({**PIXELS, "evaluate": ["accuracy"]}).evaluate_on == ()
+
+
+@pytest.mark.parametrize(
+    ("evaluate", "features", "algorithm", "key", "words"),
+    [
+        ({"metrics": ["accuracy"], "on": ["validation"]}, None, "lloyd", "evaluate.on", "splits"),
+        ({"metrics": ["inertia"], "on": ["test"]}, {"kind": "patches", "size": 5}, "lloyd",
+         "evaluate.on", "patches are not samples"),
+        ({"metrics": ["accuracy"], "silhouette_sample": 100}, None, "lloyd",
+         "evaluate.silhouette_sample", "add silhouette"),
+        ({"metrics": ["silhouette"], "silhouette_sample": 1}, None, "lloyd",
+         "evaluate.silhouette_sample", ">= 2"),
+        ({"metrics": ["accuracy"], "sample": 3}, None, "lloyd", "evaluate.sample",
+         "unknown key"),
+        (["bic"], None, "lloyd", "evaluate", "needs model.algorithm: gmm"),
+    ],
+)
+def test_bad_evaluate_sections_name_their_key(evaluate, features, algorithm, key, words):
+    job = copy.deepcopy({**PIXELS, "evaluate": evaluate})
+    job["model"]["algorithm"] = algorithm
+    if features is not None:
+        job["features"] = features
+    with pytest.raises(JobSpecError) as err:
+        parse_job(job)
+    assert any(k == key and words in m for k, m in err.value.problems), err.value.problems
+
+
+def test_mixture_metrics_with_a_gmm_among_the_algorithms():
+    job = {**PIXELS, "evaluate": ["bic", "aic", "log_likelihood", "accuracy"]}
+    job["model"] = {"algorithm": ["lloyd", "gmm"], "k": 10}
+    assert parse_job(job).evaluate == ("bic", "aic", "log_likelihood", "accuracy")
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ({"evaluate": {"metrics": ["accuracy"], "on": ["test"]}, "options": {}},
+         "evaluate.on", "no 'test' samples"),
+        ({"evaluate": {"metrics": ["silhouette"], "silhouette_sample": 4500}},
+         "evaluate.silhouette_sample", "4500 > the 4000 samples"),
+        ({"features": {"kind": "pca", "n_components": 900, "split": "train"}},
+         "features.n_components", "900 > 784"),
+    ],
+)
+def test_what_only_the_data_reveals_is_named_before_compute(change, key, words):
+    from dkm.data import catalog
+    from dkm.jobs import check_against_data
+
+    job = copy.deepcopy(PIXELS)
+    job["data"]["options"] = change.pop("options", job["data"]["options"])
+    job.update(change)
+    spec = parse_job(job)
+    shape = catalog.known_shape("mnist-5k", job["data"]["options"])
+    found = check_against_data(spec, shape, "data/m.zarr")
+    assert any(k == key and words in m for k, m in found), found
+
+
+def test_rules_between_model_parameters_fail_before_anything_runs():
+    job = copy.deepcopy(PIXELS)
+    job["model"]["init_range"] = [0, 1]  # read only by init: uniform / random-vector empties
+    with pytest.raises(JobSpecError) as err:
+        parse_job(job)
+    assert [k for k, _ in err.value.problems] == ["model.init_range"]
+    job["model"]["empty_cluster"] = "random-vector"
+    assert parse_job(job).model.init_range == [0, 1]

@@ -10,6 +10,7 @@ import pytest
 from distributed.diagnostics.plugin import SchedulerPlugin
 from sklearn.cluster import kmeans_plusplus
 from sklearn.datasets import make_blobs
+from sklearn.utils import check_random_state
 
 from dkm._parallel.backend import get_backend
 from dkm._parallel.blocks import as_source, compute_stats, load_blocks
@@ -218,3 +219,122 @@ def test_recluster_is_reproducible_and_improves_on_its_seeding():
     assert not np.allclose(a, recluster(X, w, 50, seed=4))
     seeding = recluster(X, w, 50, seed=3, max_iter=0)
     assert cost(a) < cost(seeding)
+
+
+# --------------------------------------------------------------------------- init="uniform"
+
+
+def _uneven_features() -> np.ndarray:
+    """Features with different ranges (feature j in about [-j-1, 2j+2]): the global range
+    differs from every feature's own, so "uniform" and "random" can be told apart."""
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 2, size=(2_000, 5)) * np.arange(1, 6)
+    return X.astype(np.float32)
+
+
+def _start_seeds(random_state: int, n: int) -> list[int]:
+    """The seed of each start, drawn as the estimators draw them."""
+    rs = check_random_state(random_state)
+    return [int(rs.randint(np.iinfo(np.int32).max)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("init_range", [None, (-3.0, 0.5)])
+def test_uniform_init_matches_numpy_for_every_start(threaded_client, init_range):
+    X = _uneven_features()
+    states = []
+    km = KMeans(6, init="uniform", init_range=init_range, n_init=3, max_iter=2, random_state=4)
+    km.fit(X, callback=states.append)
+    lo, hi = (float(X.min()), float(X.max())) if init_range is None else init_range
+    assert km.history_.attrs["init_range"] == [lo, hi]
+    firsts = [s for s in states if s.iteration == 0]
+    assert [s.start for s in firsts] == [0, 1, 2]
+    for state, seed in zip(firsts, _start_seeds(4, 3), strict=True):
+        ref = np.random.default_rng(seed).uniform(lo, hi, size=(6, 5))
+        # The state holds the centres in the centered coordinates the iterations run in.
+        got = state.params["centers"] + km._x_mean
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * (hi - lo))
+        assert (got >= lo - 1e-5).all() and (got <= hi + 1e-5).all()
+        assert state.info["init"]["range"] == [lo, hi] and state.info["init"]["passes"] == 0
+    if init_range is None:
+        # One scalar range for all features: wider than the narrow features' own boxes.
+        got = firsts[0].params["centers"] + km._x_mean
+        assert (got[:, 0] > X[:, 0].max()).any()
+
+
+def test_uniform_and_random_init_directly(threaded_client):
+    from dkm.kmeans.init import data_range, init_on_rows, initialize
+
+    X = _uneven_features()
+    blocks = load_blocks(as_source(da.from_array(X, chunks=700)), get_backend())
+    keys = Keys.new()
+    compute_stats(blocks, 0, keys)
+    assert data_range(blocks) == (float(X.min()), float(X.max()))
+    centers, info = initialize(blocks, "uniform", 40, 9, keys, center_blocks=True)
+    # Still the data's range once the blocks are centered (the shift is added back).
+    assert data_range(blocks) == (float(X.min()), float(X.max()))
+    ref = np.random.default_rng(9).uniform(X.min(), X.max(), size=(40, 5))
+    np.testing.assert_allclose(centers + blocks.shift, ref, atol=1e-5)
+    assert info == {"passes": 0, "range": [float(X.min()), float(X.max())]}
+    # "random" stays the per-feature bounding box (in the centered coordinates).
+    box, _ = initialize(blocks, "random", 400, 9, keys)
+    box = box + blocks.shift
+    assert (box >= X.min(0) - 1e-5).all() and (box <= X.max(0) + 1e-5).all()
+    # The in-memory variant (mini-batch's init on a subset) draws the same vectors.
+    rows = init_on_rows(X, "uniform", 40, 9, value_range=(-2.0, 7.0), shift=np.ones(5))
+    np.testing.assert_array_equal(rows, np.random.default_rng(9).uniform(-2, 7, (40, 5)) - 1)
+
+
+def test_minibatch_uniform_init(threaded_client):
+    from dkm.kmeans import MiniBatchKMeans
+
+    X = _uneven_features()
+    params = dict(init="uniform", init_range=(-1.0, 4.0), batch_size=256, random_state=2)
+    a = MiniBatchKMeans(6, **params).fit(X)
+    assert a.history_.attrs["init"] == "uniform"
+    assert a.history_.attrs["init_range"] == [-1.0, 4.0]
+    assert a.init_info_["n_init"] == 3  # "auto": scikit-learn's 3 for non-k-means++ inits
+    np.testing.assert_array_equal(
+        a.cluster_centers_, MiniBatchKMeans(6, **params).fit(X).cluster_centers_
+    )
+    params["random_state"] = 3
+    assert not np.allclose(a.cluster_centers_, MiniBatchKMeans(6, **params).fit(X).cluster_centers_)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ((1.0, 0.0), r"init_range must be a pair \[lo, hi\] of finite numbers with lo < hi"),
+        ((0.0, 0.0), "init_range must be a pair"),
+        ((0.0, float("nan")), "init_range must be a pair"),
+        ((float("-inf"), 1.0), "init_range must be a pair"),
+        ((0.0, 1.0, 2.0), "init_range must be a pair"),
+        ((0.0,), "init_range must be a pair"),
+        ("01", "init_range must be a pair"),
+        ((False, True), "init_range must be a pair"),
+        (1.0, "init_range must be a pair"),
+    ],
+)
+def test_bad_init_range_is_refused_before_compute(value, message):
+    X = _uneven_features()
+    with pytest.raises(ValueError, match=message):
+        KMeans(3, init="uniform", init_range=value).fit(X)
+
+
+def test_init_range_needs_a_method_that_uses_it(threaded_client):
+    from dkm.kmeans import MiniBatchKMeans
+
+    X = _uneven_features()
+    with pytest.raises(
+        ValueError,
+        match="init_range is used only with init='uniform' or "
+        "empty_cluster='random-vector', got init='sample'",
+    ):
+        KMeans(3, init="sample", init_range=(0, 1)).fit(X)
+    with pytest.raises(
+        ValueError,
+        match="MiniBatchKMeans: init_range is used only with init='uniform', got init='random'",
+    ):
+        MiniBatchKMeans(3, init="random", init_range=(0, 1)).fit(X)
+    # Either user is enough; a list (as a job file gives it) is a pair too.
+    KMeans(3, init="sample", init_range=[0, 1], empty_cluster="random-vector", max_iter=1).fit(X)
+    KMeans(3, init="uniform", init_range=[0, 1], max_iter=1).fit(X)

@@ -12,6 +12,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from sklearn.cluster import KMeans as SkKMeans
 from sklearn.cluster import kmeans_plusplus
 from sklearn.datasets import load_digits, make_blobs
+from sklearn.utils import check_random_state
 
 from dkm.kmeans.estimators import KMeans
 
@@ -153,10 +154,10 @@ def _empty_setup():
     return X, C0
 
 
-@pytest.mark.parametrize("policy", ["farthest", "random-point", "zero", "keep"])
+@pytest.mark.parametrize("policy", ["farthest", "random-point", "random-vector", "zero", "keep"])
 def test_empty_cluster_policies(threaded_client, policy):
     X, C0 = _empty_setup()
-    km = KMeans(7, init=C0, max_iter=1, tol=0, empty_cluster=policy).fit(X)
+    km = KMeans(7, init=C0, max_iter=1, tol=0, empty_cluster=policy, random_state=5).fit(X)
     h = km.history_
     assert h.attrs["empty_cluster"] == policy
     assert int(h["n_empty"][0]) == 2
@@ -173,6 +174,13 @@ def test_empty_cluster_policies(threaded_client, policy):
         for row in new:
             assert (np.abs(X - row).max(axis=1) < 1e-5).any()  # a data row (centering rounds)
         assert not np.allclose(new[0], new[1])
+    elif policy == "random-vector":
+        # Every coordinate uniform in the data's global [min, max], from the first start's
+        # seed and the iteration (0).
+        lo, hi = float(X.min()), float(X.max())
+        assert h.attrs["init_range"] == [lo, hi]
+        ref = np.random.default_rng([_start_seed(5), 0]).uniform(lo, hi, size=(2, 4))
+        np.testing.assert_allclose(new, ref, atol=1e-5)
     elif policy == "zero":
         np.testing.assert_array_equal(new, 0)
     else:
@@ -195,3 +203,115 @@ def test_float64(threaded_client, blobs):
     assert km.n_iter_ == sk.n_iter_
     np.testing.assert_allclose(km.cluster_centers_, sk.cluster_centers_, atol=1e-9)
     assert km.inertia_ == pytest.approx(sk.inertia_, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- "random-vector"
+
+
+def _start_seed(random_state: int, start: int = 0) -> int:
+    """The seed of a start, drawn as the estimator draws them."""
+    rs = check_random_state(random_state)
+    return [int(rs.randint(np.iinfo(np.int32).max)) for _ in range(start + 1)][start]
+
+
+def _reset_setup():
+    """2-D blobs, five centres on data rows and two no row picks: the two are empty after
+    the first assignment, and in 2-D the random vectors that replace them catch rows."""
+    X, _ = make_blobs(3_000, n_features=2, centers=5, cluster_std=1.5, random_state=2)
+    X = X.astype(np.float32)
+    C0 = np.vstack([X[[0, 10, 20, 30, 40]].astype(np.float64), np.full((2, 2), 1000.0)])
+    return X, C0
+
+
+def _lloyd_reference(X, C0, seed, lo, hi, max_iter):
+    """Plain numpy Lloyd (float64, data coordinates) with dkm's stopping rules (tol=0) and
+    the random-vector reset: the empty clusters, in order, take the rows of
+    ``default_rng([seed, iteration]).uniform(lo, hi, (n_empty, d))``."""
+    X = X.astype(np.float64)
+    C, prev, n_empty = C0.copy(), None, []
+    k, d = C.shape
+    for it in range(max_iter):
+        labels = ((X[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)
+        counts = np.bincount(labels, minlength=k)
+        new = C.copy()
+        for j in np.flatnonzero(counts):
+            new[j] = X[labels == j].mean(0)
+        empty = np.flatnonzero(counts == 0)
+        new[empty] = np.random.default_rng([seed, it]).uniform(lo, hi, size=(len(empty), d))
+        n_empty.append(len(empty))
+        shift, C = ((new - C) ** 2).sum(), new
+        if prev is not None and (labels == prev).all():
+            break
+        if shift <= 0:
+            break
+        prev = labels
+    return C, n_empty
+
+
+@pytest.mark.parametrize("init_range", [None, (-20.0, 20.0)])
+def test_random_vector_resets_match_a_numpy_lloyd(threaded_client, init_range):
+    X, C0 = _reset_setup()
+    km = KMeans(
+        7,
+        init=C0,
+        max_iter=60,
+        tol=0,
+        empty_cluster="random-vector",
+        init_range=init_range,
+        random_state=8,
+    ).fit(X)
+    lo, hi = (float(X.min()), float(X.max())) if init_range is None else init_range
+    ref, n_empty = _lloyd_reference(X, C0, _start_seed(8), lo, hi, 60)
+    assert km.history_["n_empty"].values.tolist() == n_empty
+    assert n_empty[0] == 2 and km.history_.attrs["converged"] == "strict"
+    np.testing.assert_allclose(km.cluster_centers_, ref, atol=1e-4)
+    # The reset centres caught rows: the run ends with no cluster empty.
+    assert (np.bincount(km.labels_.compute(), minlength=7) > 0).all()
+
+
+def _resetting_fit() -> KMeans:
+    # On _reset_setup's data this fit's second (and best) start resets empty clusters in its
+    # first four iterations.
+    return KMeans(
+        20,
+        init="uniform",
+        n_init=2,
+        empty_cluster="random-vector",
+        tol=0,
+        max_iter=40,
+        random_state=1,
+    )
+
+
+def test_random_vector_same_on_threads_and_process_cluster(process_cluster, threaded_cluster):
+    from distributed import Client
+
+    X, _ = _reset_setup()
+    Xd = da.from_array(X, chunks=1_000)
+    with Client(process_cluster):
+        ref = _resetting_fit().fit(Xd)
+    with Client(threaded_cluster):
+        threads = _resetting_fit().fit(Xd)
+    assert ref.history_.attrs["backend"] == "distributed"
+    assert ref.history_["n_empty"].values[:4].all()  # the resets did happen
+    assert threads.n_iter_ == ref.n_iter_
+    np.testing.assert_array_equal(threads.history_["n_empty"], ref.history_["n_empty"])
+    np.testing.assert_allclose(threads.cluster_centers_, ref.cluster_centers_, atol=1e-5)
+    assert threads.inertia_ == pytest.approx(ref.inertia_, rel=1e-6)
+
+
+def test_random_vector_resume_ends_where_the_full_fit_ends():
+    X, _ = _reset_setup()
+    states = []
+    with dask.config.set(scheduler="threads"):
+        full = _resetting_fit().fit(X, callback=states.append)
+        assert full.history_.attrs["best_start"] == 1
+        assert full.history_["n_empty"].values[:4].all()
+        # Resumed in the best start before its third and fourth resets (0-based iterations
+        # 2 and 3).
+        state = next(s for s in states if s.start == 1 and s.iteration == 2)
+        resumed = _resetting_fit().fit(X, resume_from=state)
+    np.testing.assert_array_equal(resumed.cluster_centers_, full.cluster_centers_)
+    assert resumed.inertia_ == full.inertia_ and resumed.n_iter_ == full.n_iter_
+    for key in ("n_empty", "inertia", "center_shift"):
+        np.testing.assert_array_equal(resumed.history_[key], full.history_[key])

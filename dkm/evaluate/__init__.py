@@ -8,11 +8,15 @@ result, not a score: :func:`confusion_matrices`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from dkm.evaluate.geometry import (
+    SILHOUETTE_RULES,
     SILHOUETTE_SAMPLE,
     calinski_harabasz,
     davies_bouldin,
@@ -28,6 +32,7 @@ from dkm.evaluate.labels import (
     homogeneity,
     hungarian_labels,
     majority_accuracy,
+    majority_labels,
     nmi,
     one_to_one_accuracy,
     v_measure,
@@ -36,6 +41,8 @@ from dkm.evaluate.reconstruction import reconstruction_rmse
 
 __all__ = [
     "METRICS",
+    "MIXTURE_METRICS",
+    "SILHOUETTE_RULES",
     "SILHOUETTE_SAMPLE",
     "Metric",
     "adjusted_rand",
@@ -49,6 +56,7 @@ __all__ = [
     "homogeneity",
     "hungarian_labels",
     "majority_accuracy",
+    "majority_labels",
     "nmi",
     "one_to_one_accuracy",
     "reconstruction_rmse",
@@ -64,7 +72,8 @@ class Metric:
 
     ``needs_labels``: the samples' true labels; ``needs_features``: the feature matrix and
     every row's cluster (a pass over the features on the cluster); ``needs_patches``: patch
-    features; ``needs_coding``: the evaluate list's sparse_coding step.
+    features; ``needs_coding``: the evaluate list's sparse_coding step; ``needs_mixture``: a
+    probabilistic model (``model.algorithm: gmm``), whose runs record it always.
     """
 
     name: str
@@ -73,6 +82,7 @@ class Metric:
     needs_patches: bool = False
     needs_coding: bool = False
     needs_features: bool = False
+    needs_mixture: bool = False
 
 
 METRICS: dict[str, Metric] = {
@@ -113,13 +123,17 @@ METRICS: dict[str, Metric] = {
         Metric(
             "accuracy",
             "majority-vote accuracy: every cluster predicts the most frequent true label "
-            "among its samples; the fraction of samples predicted right",
+            "among its samples; the fraction of samples predicted right. On a held-out split "
+            "(evaluate.on) the vote is the fitted split's",
             needs_labels=True,
         ),
         Metric(
             "one_to_one_accuracy",
             "Hungarian accuracy: the best one-to-one matching of clusters to labels "
-            "(scipy's linear_sum_assignment); samples of unmatched clusters count as wrong",
+            "(scipy's linear_sum_assignment). With more clusters than labels only as many "
+            "clusters as labels are matched and the samples of the others count as wrong, so "
+            "it is a lower bound that falls with k (the report says so); with fewer, some "
+            "labels are never predicted",
             needs_labels=True,
         ),
         Metric(
@@ -179,12 +193,31 @@ METRICS: dict[str, Metric] = {
             "rows (scikit-learn's davies_bouldin_score, to 1e-6 relative; lower is better)",
             needs_features=True,
         ),
+        Metric(
+            "log_likelihood",
+            "mean log-likelihood of a sample under the mixture (scikit-learn's "
+            "GaussianMixture.score; higher is better)",
+            needs_mixture=True,
+        ),
+        Metric(
+            "bic",
+            "Bayesian information criterion -2 n log_likelihood + p ln n, p the mixture's "
+            "free parameters (scikit-learn's bic; lower is better)",
+            needs_mixture=True,
+        ),
+        Metric(
+            "aic",
+            "Akaike information criterion -2 n log_likelihood + 2 p (scikit-learn's aic; "
+            "lower is better)",
+            needs_mixture=True,
+        ),
     )
 }
 
+MIXTURE_METRICS = tuple(m for m, info in METRICS.items() if info.needs_mixture)
+
+_MAPPED_SCORES = {"accuracy": majority_accuracy, "one_to_one_accuracy": one_to_one_accuracy}
 _LABEL_SCORES = {
-    "accuracy": majority_accuracy,
-    "one_to_one_accuracy": one_to_one_accuracy,
     "nmi": nmi,
     "homogeneity": homogeneity,
     "completeness": completeness,
@@ -206,8 +239,11 @@ def compute_metrics(
     centroids: Any = None,
     silhouette_sample: int = SILHOUETTE_SAMPLE,
     random_state: Any = 0,
+    fitted_contingency: np.ndarray | None = None,
+    log_likelihood: float | None = None,
+    n_parameters: int | None = None,
 ) -> dict[str, float]:
-    """The named metrics of one run.
+    """The named metrics of one run, on the samples it was fitted on or on held-out ones.
 
     Label metrics share one contingency table, built with one ``bincount`` pass over the
     (dask) label arrays on the cluster. Feature metrics share one pass over ``X``
@@ -237,6 +273,13 @@ def compute_metrics(
         Rows the silhouette is computed on (all rows when there are no more).
     random_state : int, RandomState or None, default 0
         Seed of the silhouette's sample.
+    fitted_contingency : ndarray of shape (n_labels, n_clusters), optional
+        For held-out samples: the contingency table of the fitted ones, whose majority vote
+        and Hungarian matching map clusters to labels (default the scored samples' own).
+    log_likelihood : float, optional
+        A mixture's mean log-likelihood per scored sample (mixture metrics).
+    n_parameters : int, optional
+        The mixture's free parameters (BIC, AIC).
 
     Raises
     ------
@@ -258,7 +301,16 @@ def compute_metrics(
         raise ValueError(
             f"{', '.join(geometry)} need the feature matrix X and every row's cluster labels_pred"
         )
+    mixture = [m for m in names if METRICS[m].needs_mixture]
+    if mixture and (log_likelihood is None or n_parameters is None):
+        raise ValueError(f"{', '.join(mixture)} need a mixture's log-likelihood and size")
     out: dict[str, float] = {}
+    if "log_likelihood" in names:
+        out["log_likelihood"] = float(log_likelihood)
+    if "bic" in names:
+        out["bic"] = -2 * log_likelihood * n_samples + n_parameters * math.log(n_samples)
+    if "aic" in names:
+        out["aic"] = -2 * log_likelihood * n_samples + 2 * n_parameters
     if "inertia" in names:
         out["inertia"] = float(inertia)
     if "reconstruction_error" in names:
@@ -266,8 +318,13 @@ def compute_metrics(
     if "j_clust" in names:
         out["j_clust"] = float(inertia) / n_samples
     if wanted:
-        table = contingency(labels_true, labels_pred, n_clusters)
-        out.update({m: _LABEL_SCORES[m](table) for m in wanted})
+        n_labels = None if fitted_contingency is None else fitted_contingency.shape[0]
+        table = contingency(labels_true, labels_pred, n_clusters, n_labels)
+        for m in wanted:
+            if m in _MAPPED_SCORES:  # a map from clusters to labels, learned on the fit
+                out[m] = _MAPPED_SCORES[m](table, fitted_contingency)
+            else:
+                out[m] = _LABEL_SCORES[m](table)
     if geometry:
         out.update(
             geometry_metrics(

@@ -35,6 +35,7 @@ from dkm._validation import Interval, validate
 __all__ = [
     "DB_RTOL",
     "GEOMETRY_METRICS",
+    "SILHOUETTE_RULES",
     "SILHOUETTE_SAMPLE",
     "calinski_harabasz",
     "davies_bouldin",
@@ -63,6 +64,8 @@ _RULES = {
     "random_state": ["random_state", None],
     "block_rows": [Interval(int, 1, None)],
 }
+# What a job's evaluate.silhouette_sample accepts.
+SILHOUETTE_RULES = {"silhouette_sample": _RULES["silhouette_sample"]}
 
 
 # --------------------------------------------------------------------------- inputs

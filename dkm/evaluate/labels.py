@@ -22,13 +22,16 @@ __all__ = [
     "homogeneity",
     "hungarian_labels",
     "majority_accuracy",
+    "majority_labels",
     "nmi",
     "one_to_one_accuracy",
     "v_measure",
 ]
 
 
-def contingency(labels_true: Any, labels_pred: Any, n_clusters: int) -> np.ndarray:
+def contingency(
+    labels_true: Any, labels_pred: Any, n_clusters: int, n_labels: int | None = None
+) -> np.ndarray:
     """Counts of samples per (true label, cluster), as an ``(n_labels, n_clusters)`` array.
 
     Parameters
@@ -37,19 +40,47 @@ def contingency(labels_true: Any, labels_pred: Any, n_clusters: int) -> np.ndarr
         Same length; computed lazily chunk by chunk when they are dask arrays.
     n_clusters : int
         Number of clusters (columns), so empty clusters still get a column.
+    n_labels : int, optional
+        Number of labels (rows); default the largest label + 1. Give it when tables of two
+        splits must line up (a held-out split may lack the largest label).
     """
     y = da.asarray(labels_true).astype(np.int64)
     p = da.asarray(labels_pred).astype(np.int64)
     if y.shape != p.shape:
         raise ValueError(f"labels_true {y.shape} and labels_pred {p.shape} differ in shape")
-    n_labels = int(y.max().compute()) + 1
+    if n_labels is None:
+        n_labels = int(y.max().compute()) + 1
     flat = da.bincount(y * n_clusters + p, minlength=n_labels * n_clusters)
     return np.asarray(flat.compute()).reshape(n_labels, n_clusters)
 
 
-def majority_accuracy(table: np.ndarray) -> float:
-    """Each cluster predicts its most frequent label: the fraction predicted right."""
-    return float(table.max(axis=0).sum() / table.sum())
+def majority_labels(table: np.ndarray) -> np.ndarray:
+    """The label each cluster predicts under the majority vote: its most frequent label,
+    -1 for a cluster without samples (it predicts nothing)."""
+    mapping = table.argmax(axis=0).astype(np.int64)
+    mapping[table.sum(axis=0) == 0] = -1
+    return mapping
+
+
+def _mapped_accuracy(table: np.ndarray, mapping: np.ndarray) -> float:
+    """Fraction of the table's samples whose cluster maps to their label (-1: wrong)."""
+    matched = mapping >= 0
+    right = table[mapping[matched], np.flatnonzero(matched)].sum()
+    return float(right / table.sum())
+
+
+def majority_accuracy(table: np.ndarray, fitted: np.ndarray | None = None) -> float:
+    """Each cluster predicts its most frequent label: the fraction predicted right.
+
+    Parameters
+    ----------
+    table : ndarray of shape (n_labels, n_clusters)
+        The :func:`contingency` table of the samples scored.
+    fitted : ndarray of shape (n_labels, n_clusters), optional
+        The table of the samples the model was fitted on, whose majority vote maps clusters
+        to labels for held-out samples (default ``table`` itself).
+    """
+    return _mapped_accuracy(table, majority_labels(table if fitted is None else fitted))
 
 
 def hungarian_labels(table: np.ndarray) -> np.ndarray:
@@ -72,10 +103,19 @@ def hungarian_labels(table: np.ndarray) -> np.ndarray:
     return mapping
 
 
-def one_to_one_accuracy(table: np.ndarray) -> float:
-    """Best one-to-one matching of clusters to labels (Hungarian); unmatched count as wrong."""
-    rows, cols = linear_sum_assignment(table, maximize=True)
-    return float(table[rows, cols].sum() / table.sum())
+def one_to_one_accuracy(table: np.ndarray, fitted: np.ndarray | None = None) -> float:
+    """Best one-to-one matching of clusters to labels (Hungarian); samples of unmatched
+    clusters (more clusters than labels) count as wrong.
+
+    Parameters
+    ----------
+    table : ndarray of shape (n_labels, n_clusters)
+        The :func:`contingency` table of the samples scored.
+    fitted : ndarray of shape (n_labels, n_clusters), optional
+        The table the matching is learned on (the fitted split's, for held-out samples;
+        default ``table`` itself).
+    """
+    return _mapped_accuracy(table, hungarian_labels(table if fitted is None else fitted))
 
 
 def confusion_matrices(labels_true: Any, labels_pred: Any, n_clusters: int) -> xr.Dataset:

@@ -4,12 +4,20 @@
 ``features`` variable). ``patches``: every image cut with a :class:`PatchLayout`, stored as a
 patch store next to the dataset (``<data>-<layout tag>.zarr``) and reused while it is
 complete, has the same layout and was cut from the same dataset store.
+
+``pca`` and ``autoencoder``: a learner (:mod:`dkm.features.learned`) fitted on the
+``fit_split`` samples maps every sample of the dataset to a vector; the result is a feature
+store next to the dataset (``<data>-<learner tag>[-<fit_split>].zarr``), reused while it is
+complete, made by the same learner on the same fit split of the same dataset store. The
+features of ``split`` are its rows of that split, so a held-out split is transformed by the
+model fitted on another.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,7 @@ from dkm import config
 from dkm.data.integrity import verify_once
 from dkm.data.locks import store_lock
 from dkm.data.store import StoreError, is_complete, open_dataset, probe, read_attrs, store_identity
+from dkm.features.learned import LEARNED_KINDS, LEARNERS, Learner, write_learned
 from dkm.features.patches import PatchLayout, extract_patches, write_patches
 from dkm.features.pixels import pixel_matrix
 
@@ -31,12 +40,14 @@ __all__ = [
     "build_features",
     "cut_patches",
     "features_identity",
+    "learn_features",
+    "learned_store_path",
     "patch_store_path",
 ]
 
 log = logging.getLogger("dkm")
 
-FEATURE_KINDS = ("pixels", "patches")
+FEATURE_KINDS = ("pixels", "patches", *LEARNED_KINDS)
 SPLITS = ("all", "train", "test")
 SOURCE_IDENTITY_ATTR = "source_identity"
 
@@ -54,7 +65,10 @@ class Features:
     tile_shape : tuple of int
         How one vector is drawn: a patch ``(size, size[, channel])`` or a whole image.
     store : Path or None
-        The store holding ``X`` when it is stored (an estimator can stream it by path).
+        The store holding exactly ``X`` when it is stored (an estimator can stream it by
+        path). A learned feature store holds every sample, so it is ``X``'s store only for
+        split ``"all"``; for another split this is None (``X`` is the store's rows of that
+        split, and ``attrs["store"]`` names the store).
     attrs : dict
         What a results store records about the features.
     identity : dict
@@ -106,6 +120,17 @@ def patch_store_path(
     return data.with_name(f"{data.name.removesuffix('.zarr')}-{tag}.zarr")
 
 
+def learned_store_path(
+    data_store: str | os.PathLike, learner: Learner, fit_split: str = "all"
+) -> Path:
+    """Where the features ``learner`` learns from the ``fit_split`` samples of
+    ``data_store`` are kept by default: ``<data>-<learner tag>[-<fit_split>].zarr`` next to
+    the dataset store (it holds every sample, whichever split a job clusters)."""
+    data = Path(data_store)
+    tag = learner.tag + ("" if fit_split == "all" else f"-{fit_split}")
+    return data.with_name(f"{data.name.removesuffix('.zarr')}-{tag}.zarr")
+
+
 def _split_index(ds: xr.Dataset, split: str, data_store: Path) -> np.ndarray | None:
     if split == "all":
         return None
@@ -143,6 +168,62 @@ def cut_patches(
     return Path(out)
 
 
+def learn_features(
+    data_store: str | os.PathLike,
+    learner: Learner,
+    out: str | os.PathLike,
+    *,
+    fit_split: str = "all",
+    overwrite: bool = False,
+) -> Path:
+    """Fit ``learner`` on the ``fit_split`` samples of a dataset store, map every sample
+    with it and write the feature store ``out``.
+
+    PCA fits and transforms on the cluster; an autoencoder trains on the client and encodes
+    on the cluster, so a Dask client must be active. The store records the learner, the fit
+    split, the dataset store and that store's identity, so a re-ingested dataset is never
+    paired with stale features.
+
+    Raises
+    ------
+    ValueError
+        The learner cannot be fitted on these samples (named by their ``features.`` key),
+        before anything is computed.
+    StoreError
+        The dataset has no such split or no images (autoencoder), or ``out`` holds
+        something that is not a features store.
+    """
+    data_store = Path(data_store)
+    ds = open_dataset(data_store)
+    fit_index = _split_index(ds, fit_split, data_store)
+    _check_learnable(ds, learner, fit_index, data_store)
+    source = read_attrs(data_store)
+    attrs = {
+        **learner.attrs(),
+        "fit_split": fit_split,
+        "source_store": str(data_store.resolve()),
+        SOURCE_IDENTITY_ATTR: store_identity(data_store),
+        "dataset": source.get("dataset"),
+    }
+    write_learned(ds, learner.learn(ds, fit_index), out, attrs=attrs, overwrite=overwrite)
+    log.info("%s: wrote %s features of %d samples", out, learner.tag, ds.sizes["sample"])
+    return Path(out)
+
+
+def _check_learnable(
+    ds: xr.Dataset, learner: Learner, fit_index: np.ndarray | None, data_store: Path
+) -> None:
+    if "images" not in ds and learner.kind == "autoencoder":
+        raise StoreError(f"{data_store}: holds feature vectors, no images to train an autoencoder")
+    main = ds["images"] if "images" in ds else ds["features"]
+    n_fit = main.sizes["sample"] if fit_index is None else fit_index.size
+    found = learner.data_problems(n_fit, tuple(main.shape[1:]), images="images" in ds)
+    if found:
+        raise ValueError(
+            "; ".join(f"features.{key}: {message} ({data_store})" for key, message in found)
+        )
+
+
 def features_identity(
     data_store: str | os.PathLike,
     *,
@@ -150,16 +231,21 @@ def features_identity(
     layout: PatchLayout | None = None,
     split: str = "all",
     store: str | os.PathLike | None = None,
+    learner: Learner | None = None,
+    fit_split: str | None = None,
 ) -> dict[str, Any] | None:
     """What determines the features :func:`build_features` would give, or None when they
-    cannot be known without computing (the dataset is not ingested, the patches not cut).
+    cannot be known without computing (the dataset is not ingested, the patches not cut,
+    the learned features not stored).
 
     The identities of the stores read are part of it, so re-ingested data or re-cut patches
-    never pass for the old ones.
+    or re-learned features never pass for the old ones.
     """
     data_store = Path(data_store)
     if not is_complete(data_store):
         return None
+    if kind in LEARNED_KINDS:
+        return _learned_identity(data_store, learner, split, fit_split, store)
     data_id = store_identity(data_store)
     if not (data_store / "images").is_dir():  # a feature dataset such as synthetic blobs
         return {"kind": "features", "data": data_id}
@@ -172,6 +258,52 @@ def features_identity(
     except StoreError:
         return None
     return {"kind": "patches", "split": split, **layout.attrs(), "store": store_identity(path)}
+
+
+def _learned_identity(
+    data_store: Path,
+    learner: Learner | None,
+    split: str,
+    fit_split: str | None,
+    store: str | os.PathLike | None,
+) -> dict[str, Any] | None:
+    if learner is None:
+        return None
+    fit_split = split if fit_split is None else fit_split
+    path = Path(store) if store is not None else learned_store_path(data_store, learner, fit_split)
+    try:
+        if not _learned_reusable(path, learner, fit_split, data_store):
+            return None
+    except StoreError:
+        return None
+    return {
+        **learner.attrs(),
+        "fit_split": fit_split,
+        "split": split,
+        "store": store_identity(path),
+    }
+
+
+def _learned_reusable(path: Path, learner: Learner, fit_split: str, data_store: Path) -> bool:
+    """Whether a complete learned feature store can be reused; raises when a store of
+    another kind is in the way. Another learner's, another fit split's, another dataset
+    version's or a damaged features store is learned again (it is derived data)."""
+    state = probe(path)
+    if state is None or state.empty:
+        return False
+    if state.kind != "features":
+        raise StoreError(f"{path}: {state.what}, not a learned feature store")
+    if not state.complete:
+        log.info("%s: %s; learning the features again", path, state.what.removeprefix("is "))
+        return False
+    attrs = read_attrs(path)
+    if not learner.recorded_in(attrs) or attrs.get("fit_split") != fit_split:
+        log.info("%s: learned by another learner or on another split; learning again", path)
+        return False
+    if attrs.get(SOURCE_IDENTITY_ATTR) != store_identity(data_store):
+        log.info("%s: learned from an earlier version of %s; learning again", path, data_store)
+        return False
+    return True
 
 
 def _reusable(path: Path, layout: PatchLayout, data_store: Path) -> bool:
@@ -189,13 +321,13 @@ def _reusable(path: Path, layout: PatchLayout, data_store: Path) -> bool:
     return True
 
 
-def _intact(path: Path) -> bool:
-    """Whether a stored patch matrix reads back whole (checked once per write); a damaged one
-    is derived data, so it is cut again rather than refused."""
+def _intact(path: Path, redo: str = "cutting the patches again") -> bool:
+    """Whether a stored patch or feature matrix reads back whole (checked once per write); a
+    damaged one is derived data, so it is made again rather than refused."""
     try:
         verify_once(path)
     except StoreError as err:
-        log.warning("%s; cutting the patches again", err)
+        log.warning("%s; %s", err, redo)
         return False
     return True
 
@@ -207,36 +339,59 @@ def build_features(
     layout: PatchLayout | None = None,
     split: str = "all",
     store: str | os.PathLike | None = None,
+    learner: Learner | None = None,
+    fit_split: str | None = None,
 ) -> Features:
-    """Open (and for patches, cut and store when needed) the features of a dataset store.
+    """Open (and for patches or learned features, make and store when needed) the features
+    of a dataset store.
 
-    Must run with a Dask client active when patches have to be cut: that runs on the
-    cluster.
+    Must run with a Dask client active when patches have to be cut or features learned:
+    that runs on the cluster (an autoencoder trains on the client, then encodes there).
 
     Parameters
     ----------
     data_store : path-like
         A complete dataset store.
-    kind : {"pixels", "patches"}
-        Whole images, or patches cut with ``layout``.
+    kind : {"pixels", "patches", "pca", "autoencoder"}
+        Whole images, patches cut with ``layout``, or features learned by ``learner``.
     layout : PatchLayout, optional
         Required for patches.
     split : {"all", "train", "test"}
         Which samples.
     store : path-like, optional
-        Where the patch store is kept (default :func:`patch_store_path`).
+        Where the patch or feature store is kept (default :func:`patch_store_path`,
+        :func:`learned_store_path`).
+    learner : PCAFeatures or AutoencoderFeatures, optional
+        Required for ``pca`` and ``autoencoder`` (its kind must be ``kind``).
+    fit_split : {"all", "train", "test"}, optional
+        The samples a learner is fitted on; default ``split``. Every sample is mapped, so
+        ``fit_split="train", split="test"`` clusters held-out samples.
 
     Raises
     ------
     StoreError
-        The dataset store has no such split, no images to cut, or the patch store path holds
-        something else (another layout, a damaged store).
+        The dataset store has no such split, no images to cut or encode, or the patch or
+        feature store path holds something else (another layout, another kind of store).
+    ValueError
+        The learner cannot be fitted on the ``fit_split`` samples (too many components, a
+        training sample larger than the split), named by its ``features.`` key.
     """
     data_store = Path(data_store)
     ds = open_dataset(data_store)
 
     def identity() -> dict[str, Any]:
-        return features_identity(data_store, kind=kind, layout=layout, split=split, store=store)
+        return features_identity(
+            data_store,
+            kind=kind,
+            layout=layout,
+            split=split,
+            store=store,
+            learner=learner,
+            fit_split=fit_split,
+        )
+
+    if kind in LEARNED_KINDS:
+        return _learned_features(ds, data_store, kind, learner, split, fit_split, store, identity)
 
     if "images" not in ds:  # a feature dataset such as synthetic blobs
         if kind == "patches":
@@ -266,6 +421,49 @@ def build_features(
     attrs = {"kind": "patches", "image_shape": list(image_shape), "split": split, **layout.attrs()}
     return Features(
         X, None, layout.tile_shape(image_shape), path, attrs, identity(), images, layout
+    )
+
+
+def _learned_features(
+    ds: xr.Dataset,
+    data_store: Path,
+    kind: str,
+    learner: Learner | None,
+    split: str,
+    fit_split: str | None,
+    store: str | os.PathLike | None,
+    identity: Callable[[], dict[str, Any] | None],
+) -> Features:
+    if learner is None or learner.kind != kind:
+        raise ValueError(
+            f"{kind} features need a {LEARNERS[kind].__name__} learner, got {learner!r}"
+        )
+    fit_split = split if fit_split is None else fit_split
+    for key, value in (("split", split), ("fit_split", fit_split)):
+        if value not in SPLITS:
+            raise ValueError(f"features.{key}: must be one of {', '.join(SPLITS)}, got {value!r}")
+    index = _split_index(ds, split, data_store)
+    _check_learnable(ds, learner, _split_index(ds, fit_split, data_store), data_store)
+    path = Path(store) if store is not None else learned_store_path(data_store, learner, fit_split)
+    wait = config.get_seconds("store.lock-wait")
+    # Two jobs may want the same features at once: the second waits, then reuses them.
+    with store_lock(path, purpose=f"learning {learner.tag} features", wait=wait):
+        if _learned_reusable(path, learner, fit_split, data_store) and _intact(
+            path, "learning the features again"
+        ):
+            log.info("%s: reusing learned features", path)
+        else:
+            learn_features(data_store, learner, path, fit_split=fit_split, overwrite=path.exists())
+    stored = open_dataset(path)
+    X = stored["features"] if index is None else stored["features"].isel(sample=index)
+    attrs = {**learner.attrs(), "fit_split": fit_split, "split": split, "store": str(path)}
+    return Features(
+        X,
+        _labels(stored, index),
+        (learner.n_components,),
+        path if index is None else None,
+        attrs,
+        identity(),
     )
 
 

@@ -7,8 +7,10 @@ parameter rules once in ``_param_rules``, which job files are checked against to
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,17 +24,39 @@ from dkm._parallel.base import FitState, ParallelEstimator, history_dataset
 from dkm._parallel.blocks import Blocks, center, compute_stats, load_blocks, rows_array
 from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
-from dkm._validation import Interval, Options
+from dkm._validation import Interval, Options, short_repr
 from dkm.kmeans import _kernels
-from dkm.kmeans.init import INIT_METHODS, check_init_array, init_on_rows, initialize
+from dkm.kmeans.init import INIT_METHODS, check_init_array, data_range, init_on_rows, initialize
 from dkm.kmeans.lloyd import EMPTY_POLICIES, LloydProgress, assign_pass, lloyd, objective
 from dkm.kmeans.minibatch import minibatch
 
 __all__ = ["KMeans", "MiniBatchKMeans"]
 
+
+@dataclass(frozen=True)
+class _Range:
+    """A rule: a pair ``[lo, hi]`` of finite numbers with ``lo < hi`` (list, tuple or array)."""
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
+            return False
+        if np.ndim(value) != 1 or len(value) != 2:
+            return False
+        if not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) for v in value
+        ):
+            return False
+        lo, hi = (float(v) for v in value)
+        return math.isfinite(lo) and math.isfinite(hi) and lo < hi
+
+    def describe(self) -> str:
+        return "a pair [lo, hi] of finite numbers with lo < hi"
+
+
 _COMMON_RULES = {
     "n_clusters": [Interval(int, 1)],
     "init": [Options(*INIT_METHODS), "array-like"],
+    "init_range": [_Range(), None],
     "max_iter": [Interval(int, 1)],
     "tol": [Interval(float, 0)],
     "random_state": ["random_state", None],
@@ -45,8 +69,49 @@ _COMMON_RULES = {
 }
 
 
+def _uses_range(params: Mapping[str, Any]) -> bool:
+    """Whether a draw reads ``init_range``: "uniform" init or the "random-vector" policy."""
+    init = params.get("init")
+    uniform = isinstance(init, str) and init == "uniform"
+    return uniform or params.get("empty_cluster") == "random-vector"
+
+
 class _KMeansBase(ClusterMixin, TransformerMixin, ParallelEstimator):
     """What both k-means estimators share: data checks, initialisation, predict/transform."""
+
+    @classmethod
+    def joint_problems(cls, params: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Problems between parameters that each pass their own rule, as ``(name, message)``.
+
+        ``init_range`` only means something to ``init="uniform"`` and to the
+        ``empty_cluster="random-vector"`` policy; given with neither, it would be silently
+        ignored, so it is refused.
+        """
+        if params.get("init_range") is None or _uses_range(params):
+            return []
+        init, policy = params.get("init"), params.get("empty_cluster")
+        if "empty_cluster" in cls._param_rules:
+            used = "init='uniform' or empty_cluster='random-vector'"
+            got = f"init={short_repr(init)} and empty_cluster={short_repr(policy)}"
+        else:
+            used, got = "init='uniform'", f"init={short_repr(init)}"
+        return [("init_range", f"is used only with {used}, got {got}; remove init_range")]
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        found = self.joint_problems(self.get_params(deep=False))
+        if found:
+            raise ValueError(
+                f"{type(self).__name__}: " + "; ".join(f"{name} {msg}" for name, msg in found)
+            )
+
+    def _value_range(self, blocks: Blocks) -> tuple[float, float]:
+        """``(lo, hi)`` of "uniform" and "random-vector": ``init_range``, else the data's
+        global [min, max] (read once per fit, from the first statistics pass)."""
+        if self.init_range is not None:
+            lo, hi = self.init_range
+            return float(lo), float(hi)
+        return data_range(blocks)
 
     def _check_data(self, n_samples: int, n_features: int) -> None:
         if self.n_clusters > n_samples:
@@ -55,7 +120,12 @@ class _KMeansBase(ClusterMixin, TransformerMixin, ParallelEstimator):
             check_init_array(self.init, self.n_clusters, n_features)
 
     def _initialize(
-        self, blocks: Blocks, seed: int, keys: Keys, center_blocks: bool
+        self,
+        blocks: Blocks,
+        seed: int,
+        keys: Keys,
+        center_blocks: bool,
+        value_range: tuple[float, float] | None = None,
     ) -> tuple[np.ndarray, dict]:
         t0 = time.perf_counter()
         centers, info = initialize(
@@ -68,6 +138,7 @@ class _KMeansBase(ClusterMixin, TransformerMixin, ParallelEstimator):
             init_size=self.init_size,
             oversampling_factor=self.oversampling_factor,
             rounds=self.init_max_iter,
+            value_range=value_range,
         )
         info["seconds"] = time.perf_counter() - t0
         return centers, info
@@ -207,14 +278,23 @@ class KMeans(_KMeansBase):
     ----------
     n_clusters : int, default 8
         Number of clusters.
-    init : {"k-means||", "k-means++", "random", "sample"} or array of shape (k, d)
+    init : {"k-means||", "k-means++", "random", "sample", "uniform"} or array of shape (k, d)
         "k-means||": Bahmani et al. scalable k-means++ (``init_max_iter`` rounds of
         ``oversampling_factor * k`` samples, weighted reclustering), chunking independent.
         "k-means++": scikit-learn's greedy k-means++ on ``init_size`` rows gathered to this
-        process. "random": uniform in the data's bounding box. "sample": random data rows.
+        process. "random": uniform in the data's bounding box (each feature in its own
+        [min, max]). "sample": random data rows. "uniform": independent random vectors,
+        every coordinate uniform in the one range ``init_range`` (default: the data's global
+        [min, max] over all features), drawn with ``numpy.random.default_rng(seed)
+        .uniform(lo, hi, (k, d))`` from the start's seed.
+    init_range : (float, float), optional
+        ``(lo, hi)``, ``lo < hi``, of "uniform" and of the "random-vector" empty-cluster
+        policy, in the data's coordinates; None: the data's global [min, max] (from the
+        statistics pass, no extra pass). Only allowed with one of those two.
     n_init : int or "auto", default 1
         Number of initialisations; the run with the lowest inertia is kept. "auto" is 1 for
-        "k-means||", "k-means++" and arrays, 10 otherwise (as scikit-learn).
+        "k-means||", "k-means++" and arrays, 10 otherwise (as scikit-learn). Each start
+        draws from its own seed.
     max_iter : int, default 300
         Maximum number of Lloyd iterations.
     tol : float, default 1e-4
@@ -223,10 +303,15 @@ class KMeans(_KMeansBase):
     random_state : int, RandomState or None
         Seed. Same seed, same data and same chunking give the same result; k-means|| is also
         independent of the chunking.
-    empty_cluster : {"farthest", "random-point", "zero", "keep"}, default "farthest"
+    empty_cluster : {"farthest", "random-point", "random-vector", "zero", "keep"}, \
+default "farthest"
         Policy for a cluster that loses all its points: move the farthest points to it (like
         scikit-learn; costs one extra pass in the iterations where it fires), a random data
-        row, the zero vector, or keep the old centroid. Counts go to ``history_``.
+        row, a random vector (every coordinate uniform in ``init_range``, as "uniform"), the
+        zero vector, or keep the old centroid. The random policies draw from
+        ``numpy.random.default_rng([seed, iteration])`` (the start's seed, 0-based
+        iteration), so threads, a cluster and a resumed fit reset alike. Counts go to
+        ``history_``.
     oversampling_factor : float, default 2
         k-means|| candidates per round in units of ``n_clusters``.
     init_max_iter : int, optional
@@ -255,7 +340,8 @@ class KMeans(_KMeansBase):
     history_ : xarray.Dataset
         Over ``iteration``: inertia (of the assignment made in that iteration), center_shift
         (sum of squared shifts), n_moved, n_empty, n_reseeded, seconds, n_tasks (tasks
-        submitted), extra_passes; attrs: init, empty_cluster, converged, tol_abs, n_blocks.
+        submitted), extra_passes; attrs: init, empty_cluster, converged, tol_abs, n_blocks,
+        and init_range ``[lo, hi]`` when "uniform" or "random-vector" used one.
     init_info_ : dict
         Details of the initialisation (seconds, passes; rounds and candidates for k-means||).
     n_features_in_ : int
@@ -279,6 +365,7 @@ class KMeans(_KMeansBase):
         n_clusters: int = 8,
         *,
         init: str | np.ndarray = "k-means||",
+        init_range: tuple[float, float] | None = None,
         n_init: int | str = 1,
         max_iter: int = 300,
         tol: float = 1e-4,
@@ -294,6 +381,7 @@ class KMeans(_KMeansBase):
     ):
         self.n_clusters = n_clusters
         self.init = init
+        self.init_range = init_range
         self.n_init = n_init
         self.max_iter = max_iter
         self.tol = tol
@@ -311,7 +399,7 @@ class KMeans(_KMeansBase):
         if not isinstance(self.init, str):
             return 1  # an explicit array gives one deterministic start (scikit-learn warns)
         if self.n_init == "auto":
-            return 10 if self.init in ("random", "sample") else 1
+            return 10 if self.init in ("random", "sample", "uniform") else 1
         return int(self.n_init)
 
     def fit(
@@ -370,6 +458,7 @@ class KMeans(_KMeansBase):
         first = 0 if resume_from is None else resume_from.start
         best = None
         stats = None
+        value_range = None  # of "uniform" / "random-vector", from the first statistics
         if resume_from is not None:
             if resume_from.best is not None:
                 best = _Best.from_state(resume_from.best, dtype)
@@ -377,6 +466,7 @@ class KMeans(_KMeansBase):
             # start: the first start's statistics and centering, then (k-means|| only) this
             # start's own statistics pass over the centered blocks.
             stats = compute_stats(blocks, seeds[0], keys.sub(r=0))
+            value_range = self._value_range(blocks)
             center(blocks, keys.sub(r=0))
             if first > 0 and kpar:
                 stats = compute_stats(blocks, seeds[first], keys.sub(r=first))
@@ -388,6 +478,8 @@ class KMeans(_KMeansBase):
                 # Validates the data, gives the variance for tol and the k-means|| first
                 # centre (seeded, so it is redone for each k-means|| start).
                 stats = compute_stats(blocks, seed, rkeys)
+            if value_range is None:
+                value_range = self._value_range(blocks)
             if load_seconds is None:
                 load_seconds = time.perf_counter() - t_load
             tol_abs = float(self.tol) * float(np.mean(stats["var"]))
@@ -400,7 +492,9 @@ class KMeans(_KMeansBase):
                 centers0 = start.centers
             else:
                 start = None
-                centers0, info = self._initialize(blocks, seed, rkeys, center_blocks=run == 0)
+                centers0, info = self._initialize(
+                    blocks, seed, rkeys, center_blocks=run == 0, value_range=value_range
+                )
                 # Rounded to the working dtype as the iterations will see them.
                 centers0 = np.asarray(centers0, dtype=dtype).astype(np.float64)
                 if callback is not None:
@@ -424,6 +518,7 @@ class KMeans(_KMeansBase):
                 keys=rkeys,
                 verbose=self.verbose,
                 start=start,
+                value_range=value_range,
                 callback=None
                 if callback is None
                 else _state_reporter(callback, run, seed, info, best),
@@ -442,10 +537,10 @@ class KMeans(_KMeansBase):
                 )
         if best.labels is None:  # restored from a state: its labels were not kept
             best.labels, _ = self._final_pass(blocks, best.centers, keys, "lloyd")
-        self._store_fit(best, blocks, backend, load_seconds)
+        self._store_fit(best, blocks, backend, load_seconds, value_range)
         return self
 
-    def _store_fit(self, best: _Best, blocks: Blocks, backend, load_seconds) -> None:
+    def _store_fit(self, best: _Best, blocks: Blocks, backend, load_seconds, value_range) -> None:
         self._set_model(best.centers, blocks.shift)
         self.inertia_ = best.inertia
         self.n_iter_ = best.n_iter
@@ -467,6 +562,8 @@ class KMeans(_KMeansBase):
                 "load_seconds": float(load_seconds),
             }
         )
+        if _uses_range(self.get_params(deep=False)):
+            self.history_.attrs["init_range"] = [float(v) for v in value_range]
 
 
 def _progress_from_state(state: FitState) -> LloydProgress:
@@ -504,9 +601,17 @@ class MiniBatchKMeans(_KMeansBase):
     Parameters
     ----------
     n_clusters : int, default 8
-    init : {"k-means++", "k-means||", "random", "sample"} or array, default "k-means++"
+    init : {"k-means++", "k-means||", "random", "sample", "uniform"} or array, \
+default "k-means++"
         "k-means++" (as scikit-learn) runs on ``init_size`` random rows; "k-means||" runs on
-        all the data on the cluster.
+        all the data on the cluster. "random" (each feature uniform in its own [min, max]),
+        "sample" (random rows) and "uniform" (every coordinate uniform in ``init_range``)
+        as in :class:`KMeans`; their ``n_init`` candidates are compared on the
+        ``init_size`` rows.
+    init_range : (float, float), optional
+        ``(lo, hi)``, ``lo < hi``, of "uniform" in the data's coordinates; None: the data's
+        global [min, max]. Only allowed with ``init="uniform"`` (mini-batch has no
+        empty-cluster policy: ``reassignment_ratio`` moves starved centres to batch rows).
     max_iter : int, default 100
         Maximum number of epochs (passes' worth of samples).
     batch_size : int, default 4096
@@ -536,7 +641,8 @@ class MiniBatchKMeans(_KMeansBase):
     ----------
     cluster_centers_, labels_, inertia_ (final full pass, like scikit-learn), n_iter_
     (epochs started), n_steps_, history_ (over ``iteration`` = step: batch_inertia,
-    ewa_inertia, n_reassigned), n_features_in_.
+    ewa_inertia, n_reassigned; attrs include init_range ``[lo, hi]`` for "uniform"),
+    n_features_in_.
     """
 
     _param_rules: ClassVar = {
@@ -553,6 +659,7 @@ class MiniBatchKMeans(_KMeansBase):
         n_clusters: int = 8,
         *,
         init: str | np.ndarray = "k-means++",
+        init_range: tuple[float, float] | None = None,
         max_iter: int = 100,
         batch_size: int = 4096,
         tol: float = 0.0,
@@ -570,6 +677,7 @@ class MiniBatchKMeans(_KMeansBase):
     ):
         self.n_clusters = n_clusters
         self.init = init
+        self.init_range = init_range
         self.max_iter = max_iter
         self.batch_size = batch_size
         self.tol = tol
@@ -590,7 +698,9 @@ class MiniBatchKMeans(_KMeansBase):
         with get_backend().blas_limit():
             return self._fit(X, sample_weight)
 
-    def _subset_init(self, blocks: Blocks, seed: int, rs, keys: Keys) -> tuple[np.ndarray, dict]:
+    def _subset_init(
+        self, blocks: Blocks, seed: int, rs, keys: Keys, value_range: tuple[float, float]
+    ) -> tuple[np.ndarray, dict]:
         """scikit-learn's mini-batch initialisation: ``n_init`` candidates drawn on a random
         ``init_size`` subset of rows, the one with the lowest inertia on it kept."""
         n, k = blocks.n, self.n_clusters
@@ -605,7 +715,14 @@ class MiniBatchKMeans(_KMeansBase):
         tiles = Tiles.from_config()
         best = None
         for _ in range(int(n_init)):
-            candidate = init_on_rows(sub, self.init, k, int(rs.randint(np.iinfo(np.int32).max)))
+            candidate = init_on_rows(
+                sub,
+                self.init,
+                k,
+                int(rs.randint(np.iinfo(np.int32).max)),
+                value_range=value_range,
+                shift=blocks.shift,
+            )
             score = _kernels.score_chunk(
                 sub, candidate, np.zeros(blocks.d, blocks.dtype), blocks.dtype, tiles
             )
@@ -626,9 +743,10 @@ class MiniBatchKMeans(_KMeansBase):
         keys = Keys.new()
         seed = int(rs.randint(np.iinfo(np.int32).max))
         stats = compute_stats(blocks, seed, keys)
+        value_range = self._value_range(blocks)  # before centering moves the statistics
         t0 = time.perf_counter()
-        if isinstance(self.init, str) and self.init in ("k-means++", "random", "sample"):
-            centers0, info = self._subset_init(blocks, seed, rs, keys)
+        if isinstance(self.init, str) and self.init in ("k-means++", "random", "sample", "uniform"):
+            centers0, info = self._subset_init(blocks, seed, rs, keys, value_range)
         else:
             centers0, info = self._initialize(blocks, seed, keys, center_blocks=True)
         info["seconds"] = time.perf_counter() - t0
@@ -666,4 +784,6 @@ class MiniBatchKMeans(_KMeansBase):
                 "backend": "distributed" if backend.is_distributed else "threads",
             },
         )
+        if _uses_range(self.get_params(deep=False)):
+            self.history_.attrs["init_range"] = [float(v) for v in value_range]
         return self

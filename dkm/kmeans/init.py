@@ -1,8 +1,12 @@
-"""Initial centroids: "random", "sample", "k-means++", "k-means||" or a user array.
+"""Initial centroids: "random", "uniform", "sample", "k-means++", "k-means||" or a user array.
 
 All methods work on :class:`dkm._parallel.blocks.Blocks` after the statistics pass
 (:func:`dkm._parallel.blocks.compute_stats`), which already gives per-feature ranges and a
-uniformly random first row, so "random" and the first k-means|| centre cost no extra pass.
+uniformly random first row, so "random", "uniform" and the first k-means|| centre cost no
+extra pass. "random" draws each feature in that feature's own [min, max] (the data's bounding
+box); "uniform" draws every coordinate in one scalar range ``[lo, hi]`` (the estimator's
+``init_range``, by default the data's global [min, max]: :func:`data_range`), the
+"independent uniform random vectors" of the classic k-means studies.
 :func:`initialize` is the one entry point both estimators use; :func:`init_on_rows` runs the
 in-memory methods on rows already gathered (mini-batch's ``init_size`` subset).
 """
@@ -35,17 +39,19 @@ from dkm.kmeans import _kernels
 __all__ = [
     "INIT_METHODS",
     "check_init_array",
+    "data_range",
     "init_on_rows",
     "initialize",
     "kmeans_parallel",
     "kmeans_parallel_init",
     "recluster",
+    "uniform_vectors",
     "weighted_kmeans_pp",
 ]
 
 log = logging.getLogger("dkm")
 
-INIT_METHODS = ("k-means||", "k-means++", "random", "sample")
+INIT_METHODS = ("k-means||", "k-means++", "random", "sample", "uniform")
 
 
 def check_init_array(init: Any, n_clusters: int, n_features: int) -> np.ndarray:
@@ -66,6 +72,57 @@ def _uniform_in_box(lo: np.ndarray, hi: np.ndarray, k: int, seed: int) -> np.nda
     return lo + rng.random((k, len(lo))) * (hi - lo)
 
 
+def data_range(blocks: Blocks) -> tuple[float, float]:
+    """The data's global ``(min, max)`` over all features, in the data's own coordinates.
+
+    From the per-feature minima and maxima of the statistics pass: no pass of its own. Once
+    the blocks are centered the statistics describe the centered rows, so the shift is
+    added back (exact for float32 data; the estimators read the range before centering).
+    """
+    lo = np.asarray(blocks.stats["min"], dtype=np.float64)
+    hi = np.asarray(blocks.stats["max"], dtype=np.float64)
+    if blocks.shift is not None:
+        shift = blocks.shift.astype(np.float64)
+        lo, hi = lo + shift, hi + shift
+    return float(lo.min()), float(hi.max())
+
+
+def uniform_vectors(
+    k: int,
+    d: int,
+    value_range: tuple[float, float],
+    seed,
+    shift: np.ndarray | None = None,
+) -> np.ndarray:
+    """``k`` vectors whose ``d`` coordinates are independent and uniform in ``[lo, hi]``.
+
+    The one draw behind ``init="uniform"`` and the "random-vector" empty-cluster policy:
+    ``numpy.random.default_rng(seed).uniform(lo, hi, size=(k, d))``, in data coordinates,
+    then moved into the fit's centered coordinates by subtracting ``shift``.
+
+    Parameters
+    ----------
+    k, d : int
+        Number of vectors and their length.
+    value_range : (float, float)
+        ``(lo, hi)`` in the data's coordinates.
+    seed : int or sequence of int
+        Anything :func:`numpy.random.default_rng` takes (the start's seed; ``[seed,
+        iteration]`` for the empty-cluster resets).
+    shift : ndarray (d,), optional
+        The mean the blocks were centered on (``Blocks.shift``).
+
+    Returns
+    -------
+    ndarray (k, d), float64
+    """
+    lo, hi = value_range
+    vectors = np.random.default_rng(seed).uniform(lo, hi, size=(k, d))
+    if shift is not None:
+        vectors -= np.asarray(shift, dtype=np.float64)
+    return vectors
+
+
 def sample_init(blocks: Blocks, k: int, seed: int, name: str) -> np.ndarray:
     """k distinct random rows of the data (reads only the blocks holding them)."""
     rng = np.random.default_rng(seed)
@@ -74,8 +131,17 @@ def sample_init(blocks: Blocks, k: int, seed: int, name: str) -> np.ndarray:
     return out[rng.permutation(k)]
 
 
-def init_on_rows(x: np.ndarray, method: str, k: int, seed: int) -> np.ndarray:
-    """Initial centres from rows already in this process ("k-means++", "random", "sample").
+def init_on_rows(
+    x: np.ndarray,
+    method: str,
+    k: int,
+    seed: int,
+    *,
+    value_range: tuple[float, float] | None = None,
+    shift: np.ndarray | None = None,
+) -> np.ndarray:
+    """Initial centres from rows already in this process ("k-means++", "random", "sample",
+    "uniform").
 
     Parameters
     ----------
@@ -83,9 +149,14 @@ def init_on_rows(x: np.ndarray, method: str, k: int, seed: int) -> np.ndarray:
         Rows (in the coordinates the fit runs in), ``n >= k``.
     method : str
         "k-means++" (scikit-learn's greedy k-means++), "random" (uniform in the rows'
-        bounding box) or "sample" (distinct random rows).
+        bounding box), "sample" (distinct random rows) or "uniform" (every coordinate
+        uniform in ``value_range``; the rows only give ``d``).
     k, seed : int
         Number of centres and seed.
+    value_range : (float, float), optional
+        ``(lo, hi)`` in data coordinates; required by "uniform".
+    shift : ndarray (d,), optional
+        The mean the rows were centered on ("uniform" draws in data coordinates).
     """
     if method == "k-means++":
         from sklearn.cluster import kmeans_plusplus
@@ -97,6 +168,10 @@ def init_on_rows(x: np.ndarray, method: str, k: int, seed: int) -> np.ndarray:
     if method == "sample":
         pick = np.random.default_rng(seed).choice(len(x), k, replace=False)
         return x[pick].astype(np.float64)
+    if method == "uniform":
+        if value_range is None:
+            raise ValueError("init_on_rows: 'uniform' needs value_range")
+        return uniform_vectors(k, x.shape[1], value_range, seed, shift)
     raise ValueError(f"init_on_rows: unknown method {method!r}")
 
 
@@ -129,6 +204,7 @@ def initialize(
     init_size: int | None = None,
     oversampling_factor: float = 2.0,
     rounds: int | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Initial centres of one start, in the blocks' (centered) coordinates.
 
@@ -149,6 +225,8 @@ def initialize(
         Rows gathered for "k-means++" (default: all).
     oversampling_factor, rounds
         k-means|| candidates per round (in units of k) and number of rounds (default 5).
+    value_range : (float, float), optional
+        ``(lo, hi)`` of "uniform", in data coordinates (default: :func:`data_range`).
 
     Returns
     -------
@@ -181,6 +259,11 @@ def initialize(
     if method == "random":
         # Uniform in the data's per-feature [min, max] box: no pass, the stats have it.
         return _uniform_in_box(blocks.stats["min"], blocks.stats["max"], k, seed), {"passes": 0}
+    if method == "uniform":
+        # One scalar range for every coordinate, in data coordinates: no pass either.
+        value_range = data_range(blocks) if value_range is None else value_range
+        centers = uniform_vectors(k, blocks.d, value_range, seed, blocks.shift)
+        return centers, {"passes": 0, "range": [float(v) for v in value_range]}
     raise ValueError(f"init must be one of {INIT_METHODS} or an array, got {method!r}")
 
 

@@ -26,12 +26,13 @@ from dkm._parallel import kernels
 from dkm._parallel.blocks import Blocks
 from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
+from dkm.kmeans.init import data_range, uniform_vectors
 
 __all__ = ["EMPTY_POLICIES", "LloydProgress", "LloydResult", "assign_pass", "lloyd", "objective"]
 
 log = logging.getLogger("dkm")
 
-EMPTY_POLICIES = ("farthest", "random-point", "zero", "keep")
+EMPTY_POLICIES = ("farthest", "random-point", "random-vector", "zero", "keep")
 HISTORY_KEYS = (
     "inertia",
     "center_shift",
@@ -87,7 +88,15 @@ def objective(sq_norm_total: float, centers: np.ndarray, sums: np.ndarray, count
 
 
 class _EmptyHandler:
-    def __init__(self, blocks: Blocks, policy: str, seed: int, keys: Keys, tiles: Tiles):
+    def __init__(
+        self,
+        blocks: Blocks,
+        policy: str,
+        seed: int,
+        keys: Keys,
+        tiles: Tiles,
+        value_range: tuple[float, float] | None = None,
+    ):
         self.blocks, self.policy, self.seed, self.keys, self.tiles = (
             blocks,
             policy,
@@ -95,6 +104,7 @@ class _EmptyHandler:
             keys,
             tiles,
         )
+        self.value_range = value_range
 
     def apply(self, it, centers, packed_ref, sums, counts):
         """Re-seed empty clusters in place on ``sums``/``counts``; return fixed centres dict."""
@@ -141,6 +151,12 @@ class _EmptyHandler:
             )
             for j, r in zip(empty, rows, strict=True):
                 fixed[int(j)] = r
+        elif self.policy == "random-vector":
+            # Drawn here from the start's seed and the iteration number, like "random-point":
+            # the same vectors on any backend and after a resume, at no cost on the data.
+            vectors = uniform_vectors(len(empty), b.d, self.value_range, [self.seed, it], b.shift)
+            for j, v in zip(empty, vectors, strict=True):
+                fixed[int(j)] = v
         elif self.policy == "zero":
             # The zero vector of the data space (rows are centered on ``b.shift``).
             zero = -(b.shift.astype(np.float64) if b.shift is not None else np.zeros(b.d))
@@ -214,6 +230,7 @@ def lloyd(
     verbose: bool = False,
     start: LloydProgress | None = None,
     callback: Callable[[LloydProgress], None] | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> LloydResult:
     """Run Lloyd's algorithm from ``centers`` on prepared blocks.
 
@@ -228,10 +245,13 @@ def lloyd(
     tol : float
         *Absolute* tolerance on the sum of squared centre shifts (the estimator scales the
         user's ``tol`` by the mean feature variance, as scikit-learn does).
-    empty_cluster : {"farthest", "random-point", "zero", "keep"}
-        What to do with a cluster that lost all its points.
+    empty_cluster : {"farthest", "random-point", "random-vector", "zero", "keep"}
+        What to do with a cluster that lost all its points: move the farthest rows to it, a
+        random data row, a vector with coordinates uniform in ``value_range``, the zero
+        vector (of the data space), or keep its centre.
     seed : int
-        Seed for the "random-point" policy.
+        Seed of the "random-point" and "random-vector" policies; iteration ``it`` (0-based)
+        draws from ``numpy.random.default_rng([seed, it])``.
     keys : Keys, optional
         Task key maker (shows on the dashboard).
     start : LloydProgress, optional
@@ -239,6 +259,9 @@ def lloyd(
         end exactly where an uninterrupted run ends.
     callback : callable, optional
         ``callback(progress)`` after every iteration: the hook for checkpoints and progress.
+    value_range : (float, float), optional
+        ``(lo, hi)`` of the "random-vector" policy in data coordinates (default: the data's
+        global [min, max], :func:`dkm.kmeans.init.data_range`).
 
     Returns
     -------
@@ -254,7 +277,9 @@ def lloyd(
     nb = blocks.nblocks
     dtype = blocks.dtype
     sqn = blocks.stats["sq_norm_total"]
-    handler = _EmptyHandler(blocks, empty_cluster, seed, keys, tiles)
+    if empty_cluster == "random-vector" and value_range is None:
+        value_range = data_range(blocks)
+    handler = _EmptyHandler(blocks, empty_cluster, seed, keys, tiles, value_range)
     C = np.asarray(centers, dtype=dtype).astype(np.float64)
     k = C.shape[0]
     part_bytes = k * (blocks.d + 1) * 8

@@ -1,4 +1,11 @@
-"""A static HTML report of a results store: figures plus tables, one self-contained folder."""
+"""A static HTML report of a results store: figures plus tables, one self-contained folder.
+
+The page, top to bottom: the store's status and failed runs; the features the runs clustered;
+the runs table (held-out metrics such as ``test_accuracy`` as their own columns, "accuracy
+(test)"); the sweep's metrics against k (held-out variants dotted in their metric's figure);
+confusion matrices of a few labelled runs (:mod:`dkm.report.confusion`); centroids,
+reconstructions and training curves; the job.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,14 @@ import numpy as np
 
 from dkm.data.store import StoreError
 from dkm.report import plots
+from dkm.report.confusion import (
+    TRUE_LABEL,
+    class_names,
+    confusion_runs,
+    confusion_view,
+)
+from dkm.report.features import features_summary
+from dkm.report.metric_names import held_out_variants, metric_label, metric_order, split_metric
 from dkm.results import ResultsStore
 
 __all__ = ["report_dir", "write_report"]
@@ -36,6 +51,9 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def _fmt(value: object) -> str:
+    # A metric a run lacks (a mixture has no inertia) is recorded as None or NaN: blank.
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
@@ -49,6 +67,7 @@ table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
 figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
 img {{ max-width: 520px; }}
+img.wide {{ max-width: 100%; }}
 </style></head>
 <body data-figures="pending">
 <h1>{title}</h1>
@@ -65,9 +84,11 @@ window.addEventListener("load", function () {{
 """
 
 
-def _figure(src: str, caption: str) -> str:
+def _figure(src: str, caption: str, *, wide: bool = False) -> str:
+    # A wide figure (a contingency table of many clusters) may take the page's width.
+    size = ' class="wide"' if wide else ""
     return (
-        f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+        f'<figure><img src="{html.escape(src)}"{size} alt="{html.escape(caption)}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
 
@@ -76,21 +97,74 @@ def _figure(src: str, caption: str) -> str:
 _IMAGE_ERRORS = ("image_mse", "image_rmse", "sparse_image_mse", "sparse_image_rmse")
 
 
+def _held_out_note(metric: str, names) -> str:
+    splits = [split_metric(v)[1] for v in held_out_variants(metric, names)]
+    return f" (dotted: {', '.join(splits)} samples)" if splits else ""
+
+
 def _sweep_figures(sweep, out: Path) -> list[tuple[str, str]]:
-    """Inertia against k, beside it the image error against k, then every other metric."""
+    """Inertia against k, beside it the image error against k, then every other metric.
+
+    A metric's held-out variant (``test_accuracy``) is drawn in its figure, not in one of
+    its own; one without its fitted-split metric in the sweep gets its own figure."""
+    names = list(sweep.data_vars)
     figures = []
     if "inertia" in sweep:
         png = plots.metric_against_k(sweep, "inertia", out / "sweep-inertia.png")
-        figures.append((png.name, "inertia against k"))
+        figures.append((png.name, f"inertia against k{_held_out_note('inertia', names)}"))
     if "image_rmse" in sweep:
         png = plots.image_error_against_k(sweep, out / "sweep-image-error.png")
         sparse = " (nearest centroid and sparse coding)" if "sparse_image_rmse" in sweep else ""
-        figures.append((png.name, f"image error against k{sparse}"))
-    for metric in sweep.data_vars:
-        if metric == "inertia" or metric in _IMAGE_ERRORS:
+        held = _held_out_note("image_rmse", names)
+        figures.append((png.name, f"image error against k{sparse}{held}"))
+    for metric in names:
+        base, split = split_metric(metric)
+        if metric == "inertia" or metric in _IMAGE_ERRORS or (split and base in sweep):
             continue
         png = plots.metric_against_k(sweep, metric, out / f"sweep-{metric}.png")
-        figures.append((png.name, f"{metric} against k"))
+        label = metric_label(metric)
+        figures.append((png.name, f"{label} against k{_held_out_note(metric, names)}"))
+    return figures
+
+
+def _features_section(attrs: dict, run_features: dict[str, dict]) -> str:
+    """What the runs clustered: one line when they all used the job's features, else one
+    line per distinct features with the runs that used them."""
+    found = features_summary(attrs.get("features"), run_features)
+    if not found:
+        return ""
+    if len(found) == 1:
+        return f"<p><b>Features</b>: {html.escape(found[0][0])}.</p>"
+    items = []
+    for text, names in found:
+        who = ", ".join(names) if names else "the job as last run (no complete run yet)"
+        items.append(f"<li>{html.escape(text)} <i>({html.escape(who)})</i></li>")
+    return "<p><b>Features</b> (the runs differ):</p><ul>" + "".join(items) + "</ul>"
+
+
+def _confusion_figures(attrs: dict, labelled: list, out: Path) -> list[tuple[str, str]]:
+    """Heatmaps of the chosen labelled runs (see :func:`confusion_runs`)."""
+    if not labelled:
+        return []
+    chosen = confusion_runs(
+        [(name, algorithm, k, run.sizes["label"]) for name, algorithm, k, run in labelled]
+    )
+    names = class_names(attrs)
+    figures = []
+    for name, _, _, run in labelled:
+        if name not in chosen:
+            continue
+        view = confusion_view(run, name, names)
+        png = plots.confusion_heatmap(
+            view.counts,
+            out / f"confusion-{name}.png",
+            rows=view.rows,
+            columns=view.columns,
+            xlabel=view.xlabel,
+            ylabel=TRUE_LABEL,
+            title=view.title,
+        )
+        figures.append((png.name, view.caption))
     return figures
 
 
@@ -153,12 +227,21 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
         parts.append("</ul>")
 
     complete = [r for r in runs if r.status == "complete"]
-    metric_names = sorted({m for r in complete for m in r.attrs.get("metrics", {})} - {"inertia"})
-    rows, histories, figures = [], {}, []
+    parts.append(
+        _features_section(attrs, {r.name: r.attrs.get("features") or {} for r in complete})
+    )
+    # Held-out inertia (test_inertia) stands next to the inertia column, the rest by name.
+    metric_names = sorted(
+        metric_order({m for r in complete for m in r.attrs.get("metrics", {})} - {"inertia"}),
+        key=lambda m: split_metric(m)[0] != "inertia",
+    )
+    rows, histories, figures, labelled = [], {}, [], []
     for info in complete:
         name = info.name
         run = results.read_run(name)
         histories[name] = results.read_history(name).load()
+        if "contingency" in run:
+            labelled.append((name, info.algorithm, info.k, run))
         metrics = run.attrs.get("metrics", {})
         rows.append(
             [
@@ -197,10 +280,25 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
             figures.append((png.name, f"Originals and {caption} of {name}"))
     if complete:
         parts.append("<h2>Runs</h2>")
-        header = ["run", "algorithm", "k", "iterations", "inertia", *metric_names, "seconds"]
+        labels = [metric_label(m) for m in metric_names]
+        header = ["run", "algorithm", "k", "iterations", "inertia", *labels, "seconds"]
         parts.append(_table(header, rows))
+        held_out = sorted({s for m in metric_names if (s := split_metric(m)[1])})
+        if held_out:
+            fitted = (attrs.get("features") or {}).get("split", "fitted")
+            parts.append(
+                f"<p>Metrics marked ({html.escape(', '.join(held_out))}) score held-out "
+                "samples of that split with the fitted model (label metrics map clusters to "
+                "labels as on the fitted samples); the others score the samples the model was "
+                f"fitted on (split {html.escape(str(fitted))}).</p>"
+            )
         png = plots.inertia_curves(histories, out / "inertia-by-iteration.png")
-        figures.insert(0, (png.name, "Inertia against iteration"))
+        curves = (
+            "Inertia (k-means) and lower bound (mixtures) against iteration"
+            if any("lower_bound" in h for h in histories.values())
+            else "Inertia against iteration"
+        )
+        figures.insert(0, (png.name, curves))
 
     sweep = results.read_sweep()
     if sweep is not None:
@@ -209,6 +307,11 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
             f"<p>Elbow of inertia against k: <b>{html.escape(_elbow_text(sweep))}</b>.</p>"
         )
         parts += [_figure(src, cap) for src, cap in _sweep_figures(sweep, out)]
+
+    confusion = _confusion_figures(attrs, labelled, out)
+    if confusion:
+        parts.append("<h2>Confusion matrices</h2>")
+        parts += [_figure(src, cap, wide=True) for src, cap in confusion]
 
     parts.append("<h2>Figures</h2>")
     parts += [_figure(src, cap) for src, cap in figures]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,11 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from dkm.report.metric_names import held_out_variants, metric_label, split_metric
+
 __all__ = [
     "centroid_tiles",
+    "confusion_heatmap",
     "image_error_against_k",
     "inertia_curves",
     "metric_against_k",
@@ -73,24 +76,26 @@ def inertia_curves(histories: Mapping[str, xr.Dataset], path: str | Path) -> Pat
 
     Full-pass runs (Lloyd) record the inertia of every iteration; mini-batch runs record the
     smoothed inertia per sample of their batches (``ewa_inertia``), on another scale, so
-    those are drawn on a second axes beside the first.
+    those are drawn on a second axes beside the first; Gaussian mixtures record their
+    lower bound (a mean log-likelihood, often negative: a linear axis) on a third.
     """
     panels = [
-        ("inertia", "iteration", "inertia"),
-        ("ewa_inertia", "mini-batch step", "smoothed batch inertia per sample"),
+        ("inertia", "iteration", "inertia", "log"),
+        ("ewa_inertia", "mini-batch step", "smoothed batch inertia per sample", "log"),
+        ("lower_bound", "EM iteration", "lower bound per sample", "linear"),
     ]
     drawn = [
-        (var, xlabel, ylabel, {n: h for n, h in histories.items() if var in h})
-        for var, xlabel, ylabel in panels
+        (var, xlabel, ylabel, scale, {n: h for n, h in histories.items() if var in h})
+        for var, xlabel, ylabel, scale in panels
     ]
-    drawn = [panel for panel in drawn if panel[3]] or [(*panels[0], {})]
+    drawn = [panel for panel in drawn if panel[4]] or [(*panels[0], {})]
     fig, axes = _subplots(1, len(drawn), figsize=(6 * len(drawn), 4), squeeze=False)
-    for ax, (var, xlabel, ylabel, runs) in zip(axes[0], drawn, strict=True):
+    for ax, (var, xlabel, ylabel, scale, runs) in zip(axes[0], drawn, strict=True):
         for name, hist in runs.items():
             ax.plot(np.arange(1, hist.sizes["iteration"] + 1), hist[var].values, label=name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
+        ax.set_yscale(scale)
         if 0 < len(runs) <= 12:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -98,6 +103,22 @@ def inertia_curves(histories: Mapping[str, xr.Dataset], path: str | Path) -> Pat
 
 
 _Line = tuple[str | None, np.ndarray, np.ndarray]
+
+
+def _colors(sweep: xr.Dataset) -> dict[str | None, str]:
+    """One colour per algorithm of the sweep, the same in every figure and for a metric's
+    held-out variant (an algorithm lacking one metric does not shift the others)."""
+    if "algorithm" not in sweep.dims:
+        return {None: "C0"}
+    return {str(a): f"C{i}" for i, a in enumerate(sweep["algorithm"].values)}
+
+
+# How a metric's held-out variant is drawn beside it: the same colour, dotted, open markers.
+_HELD_OUT = {"linestyle": ":", "markerfacecolor": "white"}
+
+
+def _held_out_label(label: str | None, split: str) -> str:
+    return f"({split})" if label is None else f"{label} ({split})"
 
 
 def _by_algorithm(sweep: xr.Dataset, metric: str) -> list[_Line]:
@@ -136,7 +157,9 @@ def _k_axis(ax: Axes, sweep: xr.Dataset) -> None:
 
 
 def metric_against_k(sweep: xr.Dataset, metric: str, path: str | Path) -> Path:
-    """A metric against k, one line per algorithm, with each inertia elbow marked.
+    """A metric against k, one line per algorithm, with each inertia elbow marked, and
+    beside each line the metric on held-out samples when the sweep has it (``test_accuracy``
+    beside ``accuracy``: same colour, dotted, labelled ``(test)``).
 
     Parameters
     ----------
@@ -149,24 +172,31 @@ def metric_against_k(sweep: xr.Dataset, metric: str, path: str | Path) -> Path:
     """
     fig, ax = _subplots(figsize=(6, 4))
     elbows = _elbows(sweep) if metric == "inertia" else {}
-    for i, (algorithm, k, values) in enumerate(_by_algorithm(sweep, metric)):
-        color = f"C{i}"
+    colors = _colors(sweep)
+    for algorithm, k, values in _by_algorithm(sweep, metric):
+        color = colors[algorithm]
         ax.plot(k, values, "o-", color=color, label=algorithm)
         knee = elbows.get(algorithm, -1)
         if knee in k:
             who = f"{algorithm} " if algorithm else ""
             ax.axvline(knee, color=color, linestyle="--", label=f"{who}elbow k={knee}")
+    for variant in held_out_variants(metric, sweep.data_vars):
+        split = split_metric(variant)[1]
+        for algorithm, k, values in _by_algorithm(sweep, variant):
+            label = _held_out_label(algorithm, split)
+            ax.plot(k, values, marker="o", color=colors[algorithm], label=label, **_HELD_OUT)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     _k_axis(ax, sweep)
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel(metric_label(metric).replace("_", " "))
     return _save(fig, path)
 
 
 def image_error_against_k(sweep: xr.Dataset, path: str | Path) -> Path:
     """Per-pixel RMSE of the reconstructed images against k, one colour per algorithm:
     nearest-centroid reconstruction (``image_rmse``, solid) and, when the sweep has it,
-    sparse coding over the same dictionary (``sparse_image_rmse``, dashed).
+    sparse coding over the same dictionary (``sparse_image_rmse``, dashed); the same on
+    held-out images (``test_image_rmse``...) dotted with open markers.
 
     Parameters
     ----------
@@ -178,16 +208,86 @@ def image_error_against_k(sweep: xr.Dataset, path: str | Path) -> Path:
     if "image_rmse" not in sweep:
         raise ValueError("the sweep has no image_rmse")
     fig, ax = _subplots(figsize=(6, 4))
+    colors = _colors(sweep)
     styles = [("image_rmse", "o-", "nearest centroid"), ("sparse_image_rmse", "s--", "sparse")]
     for metric, style, how in styles:
         if metric not in sweep:
             continue
-        for i, (algorithm, k, values) in enumerate(_by_algorithm(sweep, metric)):
+        for algorithm, k, values in _by_algorithm(sweep, metric):
             label = how if algorithm is None else f"{algorithm}, {how}"
-            ax.plot(k, values, style, color=f"C{i}", label=label)
+            ax.plot(k, values, style, color=colors[algorithm], label=label)
+        for variant in held_out_variants(metric, sweep.data_vars):
+            split = split_metric(variant)[1]
+            for algorithm, k, values in _by_algorithm(sweep, variant):
+                label = how if algorithm is None else f"{algorithm}, {how}"
+                ax.plot(
+                    k,
+                    values,
+                    marker=style[0],
+                    color=colors[algorithm],
+                    label=_held_out_label(label, split),
+                    **_HELD_OUT,
+                )
     ax.legend(fontsize=8)
     _k_axis(ax, sweep)
     ax.set_ylabel("image RMSE per pixel")
+    return _save(fig, path)
+
+
+def confusion_heatmap(
+    counts: Any,
+    path: str | Path,
+    *,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    xlabel: str,
+    ylabel: str = "true label",
+    title: str = "",
+    annotate_max: int = 20,
+) -> Path:
+    """A matrix of counts as a heatmap, each cell annotated with its count when the matrix
+    is at most ``annotate_max`` on each side (past that the numbers do not fit).
+
+    Parameters
+    ----------
+    counts : array-like (row, column)
+        Non-negative counts, e.g. samples per true label and cluster.
+    path : path-like
+        The PNG to write.
+    rows, columns : sequence of str
+        Tick names, one per row and per column.
+    xlabel, ylabel : str
+        Axis labels (columns, rows).
+    title : str, optional
+        Drawn above the matrix.
+    annotate_max : int, default 20
+        Write the counts in the cells up to this many rows and columns.
+    """
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape != (len(rows), len(columns)):
+        raise ValueError(
+            f"counts of shape {counts.shape} do not match {len(rows)} rows and "
+            f"{len(columns)} columns"
+        )
+    n_rows, n_cols = counts.shape
+    fig, ax = _subplots(figsize=(min(0.42 * n_cols + 2.6, 16), min(0.36 * n_rows + 2.0, 12)))
+    image = ax.imshow(counts, cmap="Blues", vmin=0, aspect="auto", interpolation="nearest")
+    longest = max((len(c) for c in columns), default=0)
+    rotation = 90 if longest > 3 else 0  # "3 (T-shirt/top)" reads upwards
+    ax.set_xticks(np.arange(n_cols), labels=list(columns), fontsize=7, rotation=rotation)
+    ax.set_yticks(np.arange(n_rows), labels=list(rows), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if max(n_rows, n_cols) <= annotate_max:
+        # Dark text on light cells, light text on dark ones.
+        light = counts > 0.5 * max(int(counts.max()), 1)
+        for (r, c), value in np.ndenumerate(counts):
+            color = "white" if light[r, c] else "black"
+            ax.text(c, r, str(int(value)), ha="center", va="center", fontsize=6, color=color)
+    else:
+        fig.colorbar(image, ax=ax, shrink=0.8, label="samples")
+    if title:
+        ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
