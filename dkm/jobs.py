@@ -452,6 +452,9 @@ def _evaluate(found: _Problems, raw: Any, kind: str) -> dict[str, Any]:
     or the mapping ``{metrics, on, silhouette_sample, sparse_coding}``; returns the JobSpec
     fields it sets (``evaluate``, ``sparse_coding``, ``evaluate_on``, ``silhouette_sample``)."""
     out: dict[str, Any] = {}
+    if isinstance(raw, Mapping) and True in raw and "on" not in raw:
+        # YAML 1.1 (PyYAML) reads a bare `on:` key as the boolean true.
+        raw = {("on" if key is True else key): v for key, v in raw.items()}
     if isinstance(raw, Mapping) and set(raw) - {"sparse_coding"}:
         unknown = [str(k) for k in raw if k not in _EVALUATE_KEYS]
         if unknown:

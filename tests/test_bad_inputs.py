@@ -1559,6 +1559,74 @@ def _s13(ctx: Ctx) -> None:
     assert load_model(store, "lloyd-k4").cluster_centers_.shape == (4, 64)
 
 
+# ----------------------------------------------------------- learned features and scoring
+
+job_row("L01", "features.kind: umap", {"features.kind": "umap"}, "features.kind", "'umap'")
+job_row(
+    "L02",
+    "an autoencoder key on pca features",
+    {"features.kind": "pca", "features.n_components": 8, "features.filters": [8]},
+    "features.filters",
+    "needs kind: autoencoder",
+)
+job_row(
+    "L03", "pca without n_components", {"features.kind": "pca"}, "features.n_components",
+    "required",
+)
+job_row(
+    "L04",
+    "pca n_components 100 on 8x8 digits",
+    {"features.kind": "pca", "features.n_components": 100},
+    "features.n_components",
+    "100 > 64",
+)
+job_row(
+    "L05",
+    "evaluate.on a split the data lacks",
+    {"evaluate": {"metrics": ["accuracy"], "on": ["train", "test"]}},
+    "evaluate.on",
+    "no 'test' samples",
+)
+job_row(
+    "L06",
+    "a silhouette sample larger than the data",
+    {"evaluate": {"metrics": ["silhouette"], "silhouette_sample": 5000}},
+    "evaluate.silhouette_sample",
+    "5000 > the 1797 samples",
+)
+job_row("L07", "bic without a mixture", {"evaluate": ["bic"]}, "evaluate", "model.algorithm: gmm")
+job_row(
+    "L08",
+    "a mixture with a negative reg_covar",
+    {"model.algorithm": "gmm", "model.init": DELETE, "model.reg_covar": -1e-6},
+    "model.reg_covar",
+    ">= 0",
+)
+job_row(
+    "L09", "test_size: 2.0", {"data.options": {"test_size": 2.0}}, "data.options.test_size", "2.0"
+)
+job_row(
+    "L10",
+    "held-out scoring of patches",
+    {"features": {"kind": "patches", "size": 4}, "evaluate": {"on": ["test"]}},
+    "evaluate.on",
+    "patches are not samples",
+)
+job_row(
+    "L11",
+    "autoencoder filters: [0]",
+    {"features.kind": "autoencoder", "features.filters": [0]},
+    "features.filters",
+)
+job_row(
+    "L12",
+    "init_range with k-means++ seeding",
+    {"model.init_range": [0, 1]},
+    "model.init_range",
+    "remove init_range",
+)
+
+
 # ============================================================================ the test
 
 EXPECTED_IDS = (
@@ -1567,6 +1635,7 @@ EXPECTED_IDS = (
     + [f"A{i:02d}" for i in range(1, 36)]
     + [f"C{i:02d}" for i in range(1, 12)]
     + [f"S{i:02d}" for i in (*range(1, 12), 13)]
+    + [f"L{i:02d}" for i in range(1, 13)]
 )
 
 
@@ -1608,6 +1677,14 @@ KEYS = [
     "features.drop_empty",
     "features.split",
     "features.store",
+    "features.n_components",
+    "features.whiten",
+    "features.filters",
+    "features.epochs",
+    "data.options.test_size",
+    "evaluate.metrics",
+    "evaluate.on",
+    "evaluate.silhouette_sample",
     "model.algorithm",
     "model.k",
     "model.k.start",
@@ -1621,6 +1698,8 @@ KEYS = [
     "model.random_state",
     "model.dtype",
     "model.empty_cluster",
+    "model.init_range",
+    "model.covariance_type",
     "model.batch_size",
     "output.store",
     "output.labels",
@@ -1653,6 +1732,12 @@ scalars = (
             "synthetic",
             "float32",
             "train",
+            "test",
+            "pca",
+            "autoencoder",
+            "gmm",
+            "uniform",
+            "random-vector",
             "log2",
             "linear",
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -356,3 +357,27 @@ def test_rules_between_model_parameters_fail_before_anything_runs():
     assert [k for k, _ in err.value.problems] == ["model.init_range"]
     job["model"]["empty_cluster"] = "random-vector"
     assert parse_job(job).model.init_range == [0, 1]
+
+
+JOB_FILES = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.stem)
+def test_every_job_file_in_the_repository_is_valid(path):
+    from dkm.data import catalog
+    from dkm.jobs import check_against_data
+
+    spec = load_job(path)
+    shape = catalog.known_shape(spec.data.dataset, spec.data.options, source=spec.data.source)
+    if shape is not None:  # known without the data: checked like --dry-run would
+        assert check_against_data(spec, shape, spec.data.store) == []
+
+
+def test_a_bare_on_key_in_yaml_is_evaluate_on(tmp_path):
+    # YAML 1.1 reads `on:` as true; the job still means the splits.
+    text = yaml.safe_dump({k: v for k, v in PIXELS.items()}) + (
+        "evaluate:\n  metrics: [accuracy]\n  on: [train, test]\n"
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    assert load_job(path).evaluate_on == ("train", "test")

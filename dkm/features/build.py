@@ -403,7 +403,12 @@ def build_features(
     images = ds["images"] if index is None else ds["images"].isel(sample=index)
     image_shape = tuple(int(s) for s in images.shape[1:])
     if kind == "pixels":
-        attrs = {"kind": "pixels", "image_shape": list(image_shape), "split": split}
+        attrs = {
+            "kind": "pixels",
+            "image_shape": list(image_shape),
+            "split": split,
+            **_label_names(ds),
+        }
         return Features(
             pixel_matrix(images), _labels(ds, index), image_shape, None, attrs, identity()
         )
@@ -418,7 +423,13 @@ def build_features(
         else:
             cut_patches(images, layout, path, source_store=data_store, overwrite=path.exists())
     X = open_dataset(path)["patches"]
-    attrs = {"kind": "patches", "image_shape": list(image_shape), "split": split, **layout.attrs()}
+    attrs = {
+        "kind": "patches",
+        "image_shape": list(image_shape),
+        "split": split,
+        **layout.attrs(),
+        "store": str(path),
+    }
     return Features(
         X, None, layout.tile_shape(image_shape), path, attrs, identity(), images, layout
     )
@@ -456,7 +467,13 @@ def _learned_features(
             learn_features(data_store, learner, path, fit_split=fit_split, overwrite=path.exists())
     stored = open_dataset(path)
     X = stored["features"] if index is None else stored["features"].isel(sample=index)
-    attrs = {**learner.attrs(), "fit_split": fit_split, "split": split, "store": str(path)}
+    attrs = {
+        **learner.attrs(),
+        "fit_split": fit_split,
+        "split": split,
+        "store": str(path),
+        **_label_names(ds),
+    }
     return Features(
         X,
         _labels(stored, index),
@@ -465,6 +482,12 @@ def _learned_features(
         attrs,
         identity(),
     )
+
+
+def _label_names(ds: xr.Dataset) -> dict[str, list[str]]:
+    """``{"label_names": [...]}`` when the dataset names its classes (the report's axes)."""
+    names = ds["label"].attrs.get("names") if "label" in ds else None
+    return {"label_names": [str(n) for n in names]} if names else {}
 
 
 def _labels(ds: xr.Dataset, index: np.ndarray | None):
