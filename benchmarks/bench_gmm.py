@@ -160,17 +160,20 @@ def estep_seconds(x, log_w, means, prec_chol, reps: int = 3) -> dict[str, float]
     step = _kernels._tile_rows(n, d, len(means), tiles)
 
     def parts():
+        # estep's loop, timed piece by piece (the same buffers, reused tile by tile).
+        model = _kernels._model(log_w, means, prec_chol, "full")
+        work = _kernels._Work(min(step, n), d, len(means))
         acc = _kernels._empty_stats(len(means), d, "full")
         out = dict.fromkeys(("log densities", "log-sum-exp", "statistics"), 0.0)
         for a in range(0, n, step):
             t0 = time.perf_counter()
-            xt = x[a : a + step].astype(np.float64)
-            wlp = _kernels.weighted_log_prob(xt, log_w, means, prec_chol, "full")
+            xt = work.load(x[a : a + step])
+            lp = work.weighted_log_prob(xt, model)
             t1 = time.perf_counter()
-            _, lr = _kernels.log_resp(wlp)
-            resp = np.exp(lr)
+            work.log_resp(lp)
+            resp = np.exp(lp, out=lp)
             t2 = time.perf_counter()
-            acc = _kernels._add_tile(acc, xt, resp, "full")
+            acc = work.add_stats(acc, xt, resp, "full")
             t3 = time.perf_counter()
             for key, dt in zip(out, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 out[key] += dt
@@ -185,7 +188,21 @@ def estep_seconds(x, log_w, means, prec_chol, reps: int = 3) -> dict[str, float]
             split = parts()
             for key, v in {"E-step kernel": whole, **split}.items():
                 best[key] = min(best.get(key, np.inf), v)
+    best["malloc trim"] = _start_env("MALLOC_TRIM_THRESHOLD_")
     return best
+
+
+def _start_env(name: str) -> str:
+    """``name`` in this process's environment as it started (what glibc's malloc read: the
+    worker launcher sets MALLOC_TRIM_THRESHOLD_, which made per-tile temporaries costly, and
+    starting a LocalCluster also sets it in this process's ``os.environ``, too late for
+    malloc). Linux only; "?" elsewhere."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+    except OSError:
+        return "?"
+    return env.get(name.encode(), b"unset").decode()
 
 
 def block_profile(Z: np.ndarray, fitted, sk_model, client, rows: int) -> list[dict]:
@@ -421,6 +438,7 @@ def main(argv=None):
                     "statistics",
                     "sk_e",
                     "sk_m",
+                    "malloc trim",
                 ],
                 [
                     "",
@@ -430,6 +448,7 @@ def main(argv=None):
                     "statistics",
                     "sklearn E-step",
                     "sklearn M-step",
+                    "MALLOC_TRIM_THRESHOLD_",
                 ],
             ),
         ]
