@@ -322,7 +322,7 @@ def _heldout_names(spec: JobSpec, est) -> list[str]:
     return names
 
 
-def heldout_metrics(
+def _heldout_metrics(
     spec: JobSpec, est, fitted: Features, heldout: dict[str, Features]
 ) -> dict[str, float]:
     """Every metric of the job on each held-out split, named ``<split>_<metric>``.
@@ -554,7 +554,7 @@ class _JobRunner:
             added["labels"] = ((self.features.X.dims[0],), est.labels_)
         metrics.update(_run_metrics(self.spec, est, self.features, missing))
         if missing_heldout:
-            metrics.update(heldout_metrics(self.spec, est, self.features, self.heldout))
+            metrics.update(_heldout_metrics(self.spec, est, self.features, self.heldout))
         if "contingency" not in attrs.get("variables", []):
             added.update(_confusion(self.spec, est, self.features))
         if any(images):
@@ -631,7 +631,7 @@ class _JobRunner:
             est.labels_ = est.predict(self._input())
         metrics = _model_metrics(est, self._input(), int(self.features.X.shape[0]))
         metrics.update(_run_metrics(spec, est, self.features, spec.metrics))
-        metrics.update(heldout_metrics(spec, est, self.features, self.heldout))
+        metrics.update(_heldout_metrics(spec, est, self.features, self.heldout))
         variables = {**est._stored_model(), **_confusion(spec, est, self.features)}
         extra: dict[str, Any] = {}
         if self.images is not None:

@@ -399,8 +399,12 @@ def _group_alive(pgid: int) -> list[str]:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_job_resumes(tmp_path):
+    # One k and few iterations: the rerun after Ctrl-C is the whole rest of the job.
     changes = _mnist_patch_job(
-        tmp_path, output={"store": str(tmp_path / "int.zarr"), "checkpoint_every": 1}
+        tmp_path,
+        output={"store": str(tmp_path / "int.zarr"), "checkpoint_every": 1},
+        model__k=[16],
+        model__max_iter=15,
     )
     job = write_job(tmp_path, "int.yaml", **changes)
     store = ResultsStore(tmp_path / "int.zarr")
