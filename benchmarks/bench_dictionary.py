@@ -29,19 +29,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
-
-def fmt_table(rows, cols, heads):
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            if isinstance(v, float):
-                v = "-" if np.isnan(v) else (f"{v:.4g}" if abs(v) < 1e5 else f"{v:.6g}")
-            cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+from common import fmt_table
 
 
 def patch_store(workdir: Path, client) -> Path:

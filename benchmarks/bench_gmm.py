@@ -47,6 +47,7 @@ import dask
 import numpy as np
 import psutil
 import sklearn
+from common import fmt_table, to_zarr
 from sklearn.cluster import KMeans as SkKMeans
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
@@ -76,16 +77,6 @@ def pca_features(n_rows: int | None, n_pca: int) -> tuple[np.ndarray, float]:
     t = time.perf_counter()
     Z = PCA(n_components=n_pca, random_state=0).fit_transform(X)
     return np.ascontiguousarray(Z, dtype=np.float32), time.perf_counter() - t
-
-
-def to_zarr(X: np.ndarray, path: Path, nchunks: int = 4) -> Path:
-    import xarray as xr
-
-    if not path.exists():
-        rows = -(-len(X) // nchunks)
-        ds = xr.Dataset({"features": (("sample", "feature"), X)}).chunk({"sample": rows})
-        ds.to_zarr(path, consolidated=False)
-    return path
 
 
 def kmeans_start(X: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -236,19 +227,6 @@ def block_profile(Z: np.ndarray, fitted, sk_model, client, rows: int) -> list[di
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def fmt_table(rows, cols, heads):
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            if isinstance(v, float):
-                v = "-" if np.isnan(v) else (f"{v:.4g}" if abs(v) < 1e5 else f"{v:.6g}")
-            cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def blas_facts() -> str:

@@ -35,6 +35,7 @@ import dask
 import dask.array as da
 import numpy as np
 import psutil
+from common import fmt_table, to_zarr
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -54,16 +55,6 @@ def patches_of(images: np.ndarray) -> np.ndarray:
     n = len(img)
     p = img.reshape(n, 6, 5, 6, 5).transpose(0, 1, 3, 2, 4).reshape(n * 36, 25)
     return (p / np.float32(255)).astype(np.float32)
-
-
-def to_zarr(X: np.ndarray, path: Path, nchunks: int = 4) -> Path:
-    import xarray as xr
-
-    if not path.exists():
-        rows = -(-len(X) // nchunks)
-        ds = xr.Dataset({"features": (("sample", "feature"), X)}).chunk({"sample": rows})
-        ds.to_zarr(path, consolidated=False)
-    return path
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -387,19 +378,6 @@ def kernel_profile(X: np.ndarray, C: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def fmt_table(rows, cols, heads):
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            if isinstance(v, float):
-                v = "-" if np.isnan(v) else (f"{v:.4g}" if abs(v) < 1e5 else f"{v:.6g}")
-            cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv=None):
