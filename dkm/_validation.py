@@ -18,7 +18,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Interval", "Options", "Rules", "describe", "problems", "short_repr", "validate"]
+__all__ = [
+    "IntList",
+    "Interval",
+    "Options",
+    "Range",
+    "Rules",
+    "describe",
+    "problems",
+    "short_repr",
+    "validate",
+]
 
 _repr = reprlib.Repr()
 _repr.maxstring = 60
@@ -112,7 +122,43 @@ _NAMED = {
     ),
 }
 
-Rule = Interval | Options | str | None
+@dataclass(frozen=True)
+class IntList:
+    """A non-empty list of integers >= ``low``."""
+
+    low: int = 1
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, str) or not isinstance(value, Sequence | np.ndarray):
+            return False
+        each = Interval(int, self.low)
+        return len(value) > 0 and all(each.accepts(v) for v in value)
+
+    def describe(self) -> str:
+        return f"a non-empty list of integers >= {self.low}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A pair ``[lo, hi]`` of finite numbers with ``lo < hi`` (list, tuple or array)."""
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
+            return False
+        if np.ndim(value) != 1 or len(value) != 2:
+            return False
+        if not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) for v in value
+        ):
+            return False
+        lo, hi = (float(v) for v in value)
+        return math.isfinite(lo) and math.isfinite(hi) and lo < hi
+
+    def describe(self) -> str:
+        return "a pair [lo, hi] of finite numbers with lo < hi"
+
+
+Rule = Interval | Options | IntList | Range | str | None
 Rules = Mapping[str, Sequence[Rule]]
 
 

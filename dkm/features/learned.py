@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,7 +29,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from dkm._validation import Interval, problems, validate
+from dkm._validation import Interval, IntList, problems, validate
 from dkm.data.store import rows_per_chunk, write_atomic
 from dkm.features.pixels import pixel_matrix
 
@@ -38,7 +38,6 @@ __all__ = [
     "LEARNED_RULES",
     "LEARNERS",
     "AutoencoderFeatures",
-    "IntList",
     "Learned",
     "Learner",
     "PCAFeatures",
@@ -52,20 +51,6 @@ LEARNED_KINDS = ("pca", "autoencoder")
 _SEED = [Interval(int, 0, 2**32 - 1)]
 
 
-@dataclass(frozen=True)
-class IntList:
-    """A rule (for :mod:`dkm._validation` tables): a non-empty list of integers >= ``low``."""
-
-    low: int = 1
-
-    def accepts(self, value: Any) -> bool:
-        if isinstance(value, str) or not isinstance(value, Sequence | np.ndarray):
-            return False
-        each = Interval(int, self.low)
-        return len(value) > 0 and all(each.accepts(v) for v in value)
-
-    def describe(self) -> str:
-        return f"a non-empty list of integers >= {self.low}"
 
 
 @dataclass

@@ -7,10 +7,8 @@ parameter rules once in ``_param_rules``, which job files are checked against to
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +22,7 @@ from dkm._parallel.base import FitState, ParallelEstimator, history_dataset
 from dkm._parallel.blocks import Blocks, center, compute_stats, load_blocks, rows_array
 from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
-from dkm._validation import Interval, Options, short_repr
+from dkm._validation import Interval, Options, Range, short_repr
 from dkm.kmeans import _kernels
 from dkm.kmeans.init import INIT_METHODS, check_init_array, data_range, init_on_rows, initialize
 from dkm.kmeans.lloyd import EMPTY_POLICIES, LloydProgress, assign_pass, lloyd, objective
@@ -33,30 +31,10 @@ from dkm.kmeans.minibatch import minibatch
 __all__ = ["KMeans", "MiniBatchKMeans"]
 
 
-@dataclass(frozen=True)
-class _Range:
-    """A rule: a pair ``[lo, hi]`` of finite numbers with ``lo < hi`` (list, tuple or array)."""
-
-    def accepts(self, value: Any) -> bool:
-        if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
-            return False
-        if np.ndim(value) != 1 or len(value) != 2:
-            return False
-        if not all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) for v in value
-        ):
-            return False
-        lo, hi = (float(v) for v in value)
-        return math.isfinite(lo) and math.isfinite(hi) and lo < hi
-
-    def describe(self) -> str:
-        return "a pair [lo, hi] of finite numbers with lo < hi"
-
-
 _COMMON_RULES = {
     "n_clusters": [Interval(int, 1)],
     "init": [Options(*INIT_METHODS), "array-like"],
-    "init_range": [_Range(), None],
+    "init_range": [Range(), None],
     "max_iter": [Interval(int, 1)],
     "tol": [Interval(float, 0)],
     "random_state": ["random_state", None],
