@@ -338,7 +338,8 @@ def _heldout_metrics(
     fitted_table = None
     labelled = fitted.labels is not None
     if labelled and any(evaluate.METRICS[m].needs_labels for m in names):
-        n_labels = 1 + max(int(f.labels.max().compute()) for f in (fitted, *heldout.values()))
+        largest = dask.compute(*(f.labels.max() for f in (fitted, *heldout.values())))
+        n_labels = 1 + int(max(largest))  # one trip for every split's largest label
         fitted_table = evaluate.contingency(
             fitted.labels, _predicted(est, fitted), k, n_labels=n_labels
         )
