@@ -145,7 +145,7 @@ class Range:
     def accepts(self, value: Any) -> bool:
         if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
             return False
-        if np.ndim(value) != 1 or len(value) != 2:
+        if len(value) != 2:
             return False
         if not all(
             isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) for v in value

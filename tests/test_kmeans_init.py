@@ -312,6 +312,8 @@ def test_minibatch_uniform_init(threaded_client):
         ("01", "init_range must be a pair"),
         ((False, True), "init_range must be a pair"),
         (1.0, "init_range must be a pair"),
+        ([None, []], "init_range must be a pair"),
+        ([[0.0, 1.0], [2.0, 3.0]], "init_range must be a pair"),
     ],
 )
 def test_bad_init_range_is_refused_before_compute(value, message):

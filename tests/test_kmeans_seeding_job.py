@@ -79,7 +79,7 @@ def test_uniform_random_vector_job_resumes_from_a_checkpoint(tmp_path, client):
     assert store.read_checkpoint("lloyd-k12") is None  # dropped once the run is saved
 
 
-@pytest.mark.parametrize("value", [[1.0, 0.0], [0.0, float("inf")], [0.0], "0-1"])
+@pytest.mark.parametrize("value", [[1.0, 0.0], [0.0, float("inf")], [0.0], "0-1", [None, []]])
 def test_a_bad_init_range_is_a_job_error(tmp_path, value):
     with pytest.raises(JobSpecError, match=r"model.init_range: must be a pair \[lo, hi\]"):
         parse_job(job_dict(tmp_path, init_range=value))
