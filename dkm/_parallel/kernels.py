@@ -59,9 +59,10 @@ class Tiles:
 # statistics pass hold a float64 copy of one x tile).
 ROW_WORK_BYTES = 64
 # Per row kept on the workers between tasks while a fit runs, whatever the block size: the
-# labels of the last two Lloyd passes (int32 each), or the running minimum of k-means||
-# (float64, previous and current round).
-ROW_STATE_BYTES = 16
+# last two Lloyd passes' labels and squared distances (int32 + float32 each) or the pruned
+# Lloyd's labels and two float32 bounds (previous and current: 24 bytes), or the running
+# minimum of k-means|| (float64, previous and current round).
+ROW_STATE_BYTES = 24
 
 
 def task_fixed_bytes(tiles: Tiles) -> int:
@@ -192,13 +193,14 @@ def pack_centers(centers: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def nearest_tiles(x: np.ndarray, packed: np.ndarray, step: int):
-    """Nearest centroid, tile by tile: yields ``(start, rows, x_tile, dist, labels)``.
+    """Nearest centroid, tile by tile, with numpy: yields ``(start, rows, x_tile, dist, labels)``.
 
     ``dist`` holds ``||c||^2 - 2 x.c`` (the row norm left out) and ``labels`` its argmin; both
     live in buffers reused for every tile, so read them before the next one. Reusing them
     matters on worker processes: the nanny sets MALLOC_TRIM_THRESHOLD_, so a fresh 2 MB tile
     per GEMM is a fresh mmap with page faults every time (measured 3x slower steps on workers
-    than in-process before the buffers were reused).
+    than in-process before the buffers were reused). The models use :func:`fused_pass`; this
+    is its numpy twin for workers without numba and the reference the tests compare with.
     """
     n, k = x.shape[0], packed.shape[1]
     neg2ct, csq = packed[:-1], packed[-1]
@@ -213,6 +215,162 @@ def nearest_tiles(x: np.ndarray, packed: np.ndarray, step: int):
         yield s, m, xt, dist, lab[:m]
 
 
+# Rows per tile of the fused pass. The GEMM writes a (centres x rows) tile and one compiled
+# loop reads it back while it is still in cache, keeping per row the running minimum; rows
+# along the tile's fast axis make that loop a vectorised compare-and-select over rows, not a
+# branchy argmin along each row. Measured on 400k x 25 float32, one thread, k = 256 / 1024 /
+# 4096: 64 rows 0.102 / 0.515 / 1.38 s, 128 rows 0.087 / 0.417 / 1.20, 256 rows 0.081 / 0.43 /
+# 1.19, 512 rows 0.085 / 0.49 / 1.66; numpy's GEMM + add + argmin + sums 0.11-0.18 / 0.49 /
+# 2.12. Centres beyond ``tiles.tile_bytes`` per tile are taken in chunks (k = 16384: 7.2 s
+# in chunks of 2048 against 9.7 s for the whole 16 MB tile).
+FUSED_ROWS = 256
+
+
+def fused_pass(
+    x: np.ndarray,
+    packed: np.ndarray,
+    tiles: Tiles,
+    labels: np.ndarray,
+    *,
+    d2: np.ndarray | None = None,
+    second: np.ndarray | None = None,
+    sums: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
+) -> None:
+    """Nearest centroid of every row of ``x`` and what the models need of it, in one pass.
+
+    Per tile of :data:`FUSED_ROWS` rows: one GEMM ``(-2 C) x^T`` into a buffer reused for
+    every tile, then one compiled loop over the tile while it is in cache that adds
+    ``||c||^2``, keeps the running minimum and its index (the first index on ties, as
+    ``argmin``), and once the tile's last centres are in, writes the squared distance and
+    adds the rows to the float64 per-cluster sums. The distances are the same float
+    operations as :func:`nearest_tiles` (so the same labels to the last tie), the sums add
+    the rows in row order (the same bits as :func:`cluster_sums`).
+
+    Parameters
+    ----------
+    x : ndarray (n, d)
+        Rows in the working dtype.
+    packed : ndarray (d + 1, k)
+        :func:`pack_centers` of the centres.
+    tiles : Tiles
+        Tile budget: centres are taken ``tile_bytes`` of distances at a time.
+    labels : ndarray (n,) int32
+        Filled with the index of the nearest centre.
+    d2 : ndarray (n,), optional
+        Filled with the squared distance to it (clipped at 0; the expanded form can go
+        slightly negative).
+    second : ndarray (n,), optional
+        Filled with the squared distance to the second nearest centre (clipped at 0; inf when
+        k = 1): the pruned Lloyd's lower bound.
+    sums, counts : ndarray (k, d) float64 and (k,) int64, optional
+        The rows and their number are added per nearest centre.
+    """
+    n, d = x.shape
+    k = packed.shape[1]
+    if n == 0:
+        return
+    fn = _fused_kernels()
+    dtype = np.result_type(x.dtype, packed.dtype)
+    rows = min(FUSED_ROWS, n)
+    chunk = int(max(1, min(k, tiles.tile_bytes // (rows * dtype.itemsize))))
+    neg2c, csq = packed[:-1].T, np.ascontiguousarray(packed[-1])
+    buf = np.empty(chunk * rows, dtype=dtype)
+    best = np.empty(rows, dtype=dtype)
+    nxt = np.empty(rows if second is not None else 0, dtype=dtype)
+    no_rows = np.empty(0, dtype=dtype)
+    no_sums, no_counts = np.empty((0, d)), np.empty(0, dtype=np.int64)
+    for s in range(0, n, rows):
+        xt = x[s : s + rows]
+        m = len(xt)
+        lab = labels[s : s + m]
+        for a in range(0, k, chunk):
+            kk = min(chunk, k - a)
+            dist = buf[: kk * m].reshape(kk, m)
+            np.matmul(neg2c[a : a + kk], xt.T, out=dist)
+            last = a + kk == k
+            fn(
+                dist,
+                csq,
+                a,
+                xt,
+                lab,
+                best[:m],
+                nxt[:m] if second is not None else nxt,
+                d2[s : s + m] if (last and d2 is not None) else no_rows,
+                second[s : s + m] if (last and second is not None) else no_rows,
+                sums if (last and sums is not None) else no_sums,
+                counts if (last and counts is not None) else no_counts,
+            )
+
+
+def _fused_py(dist, csq, off, xt, lab, best, nxt, d2, second, sums, counts):  # pragma: no cover
+    kk, m = dist.shape
+    top2 = nxt.shape[0] > 0
+    if off == 0:
+        for i in range(m):
+            best[i] = np.inf
+            lab[i] = 0
+            if top2:
+                nxt[i] = np.inf
+    for j in range(kk):
+        c = csq[off + j]
+        row = dist[j]
+        if top2:
+            for i in range(m):
+                v = row[i] + c
+                if v < best[i]:
+                    nxt[i] = best[i]
+                    best[i] = v
+                    lab[i] = off + j
+                elif v < nxt[i]:
+                    nxt[i] = v
+        else:
+            for i in range(m):
+                v = row[i] + c
+                if v < best[i]:
+                    best[i] = v
+                    lab[i] = off + j
+    d = xt.shape[1]
+    if d2.shape[0] > 0 or second.shape[0] > 0:
+        for i in range(m):
+            # The row norm in the working dtype, as the numpy kernel's einsum has it.
+            q = xt[i, 0] * xt[i, 0]
+            for f in range(1, d):
+                q += xt[i, f] * xt[i, f]
+            if d2.shape[0] > 0:
+                d2[i] = max(best[i] + q, 0)
+            if second.shape[0] > 0:
+                second[i] = max(nxt[i] + q, 0)
+    if counts.shape[0] > 0:
+        for i in range(m):
+            counts[lab[i]] += 1
+    if sums.shape[0] > 0:
+        for i in range(m):
+            lb = lab[i]
+            for f in range(d):
+                sums[lb, f] += xt[i, f]
+
+
+_FUSED = None
+
+
+def _fused_kernels():
+    """The compiled tile loop of :func:`fused_pass` (numba, no fast-math: the float32 adds and
+    compares must be exactly numpy's)."""
+    global _FUSED
+    if _FUSED is None:
+        import numba
+
+        _FUSED = numba.njit(nogil=True, cache=True)(_fused_py)
+    return _FUSED
+
+
+def _use_numba(tiles: Tiles) -> bool:
+    """Whether this process runs the compiled kernels (see :func:`accumulator`)."""
+    return not (tiles.numba_min_memory and _memory_limit_here() < tiles.numba_min_memory)
+
+
 def assign(x: np.ndarray, packed: np.ndarray, tiles: Tiles, want_d2: bool = True):
     """Nearest centroid of every row.
 
@@ -221,7 +379,10 @@ def assign(x: np.ndarray, packed: np.ndarray, tiles: Tiles, want_d2: bool = True
     """
     n = x.shape[0]
     labels = np.empty(n, dtype=np.int32)
-    d2 = np.empty(n, dtype=x.dtype) if want_d2 else None
+    d2 = np.empty(n, dtype=np.result_type(x.dtype, packed.dtype)) if want_d2 else None
+    if _use_numba(tiles):
+        fused_pass(x, packed, tiles, labels, d2=d2)
+        return labels, d2
     for s, m, xt, dist, lab in nearest_tiles(x, packed, tiles.rows(packed.shape[1], x.itemsize)):
         labels[s : s + m] = lab
         if want_d2:
@@ -339,35 +500,42 @@ def _numba_accumulate():
 # --------------------------------------------------------------------------------------------
 
 
-def lloyd_step(block, packed: np.ndarray, prev_labels, tiles: Tiles):
-    """E-step and partial M-step on one block.
+def lloyd_step(block, packed: np.ndarray, prev, tiles: Tiles):
+    """E-step and partial M-step on one block, in one pass (:func:`fused_pass`).
 
-    Returns ``(labels, stats)`` where ``stats = (sums (k, d) float64, counts (k,) int64,
-    n_moved)``. ``labels`` stay on the worker for the next iteration's moved-points count.
+    ``prev`` is this block's previous step (or None): its labels give the moved-points
+    count. Returns ``(labels, d2, stats)`` where ``stats = (sums (k, d) float64, counts (k,)
+    int64, n_moved, n_computed)``, ``n_computed`` the rows whose distances were computed
+    (all of them here; fewer in the pruned step). Labels and squared distances stay on the
+    worker: the next step counts moved points from the labels, and the "farthest"
+    empty-cluster policy picks its rows from the distances (:func:`farthest_from_step`)
+    instead of another distance pass.
     """
     x = load(block)
     k = packed.shape[1]
     n, d = x.shape
     labels = np.empty(n, dtype=np.int32)
+    d2 = np.empty(n, dtype=np.result_type(x.dtype, packed.dtype))
     sums = np.zeros((k, d), dtype=np.float64)
-    acc = accumulator(tiles)
-    # Rows per tile: the distance tile stays in L2 (see Tiles) and so does the x tile,
-    # so that the partial sums read x from cache right after the GEMM did. For wide rows
-    # (pixels, d=784) this is what keeps a step at about one pass over memory, not two.
-    step = max(64, min(tiles.rows(k, x.itemsize), tiles.x_tile_bytes // max(1, d * x.itemsize)))
-    for s, m, xt, _dist, lab in nearest_tiles(x, packed, step):
-        labels[s : s + m] = lab
-        acc(xt, labels[s : s + m], sums)
-    counts = np.bincount(labels, minlength=k).astype(np.int64)
-    if prev_labels is None:
-        moved = len(labels)
+    if _use_numba(tiles):
+        counts = np.zeros(k, dtype=np.int64)
+        fused_pass(x, packed, tiles, labels, d2=d2, sums=sums, counts=counts)
     else:
-        moved = int(np.count_nonzero(labels != prev_labels))
-    return labels, (sums, counts, moved)
+        acc = NumpyAccumulator()
+        step = max(
+            64, min(tiles.rows(k, x.itemsize), tiles.x_tile_bytes // max(1, d * x.itemsize))
+        )
+        for s, m, xt, dist, lab in nearest_tiles(x, packed, step):
+            labels[s : s + m] = lab
+            d2[s : s + m] = np.maximum(dist[np.arange(m), lab] + np.einsum("ij,ij->i", xt, xt), 0)
+            acc(xt, labels[s : s + m], sums)
+        counts = np.bincount(labels, minlength=k).astype(np.int64)
+    moved = len(labels) if prev is None else int(np.count_nonzero(labels != prev[0]))
+    return labels, d2, (sums, counts, moved, n)
 
 
 def step_stats(step):
-    return step[1]
+    return step[2]
 
 
 def step_labels(step):
@@ -377,26 +545,44 @@ def step_labels(step):
 def combine_stats(*parts):
     sums = parts[0][0].copy()
     counts = parts[0][1].copy()
-    moved = parts[0][2]
-    for s, c, m in parts[1:]:
+    moved, computed = parts[0][2], parts[0][3]
+    for s, c, m, n in parts[1:]:
         sums += s
         counts += c
         moved += m
-    return sums, counts, moved
+        computed += n
+    return sums, counts, moved, computed
+
+
+def _farthest_order(d2: np.ndarray, m: int) -> np.ndarray:
+    """Local indices of the ``m`` largest ``d2``, largest first (ties: lower index first)."""
+    m = min(m, len(d2))
+    idx = np.argpartition(d2, len(d2) - m)[len(d2) - m :] if m < len(d2) else np.arange(len(d2))
+    return idx[np.argsort(-d2[idx], kind="stable")]
 
 
 def farthest_rows(block, packed: np.ndarray, m: int, start: int, tiles: Tiles):
     """The ``m`` rows of a block farthest from their nearest centroid.
 
     Returns ``(d2, global_index, labels, rows)`` sorted by decreasing ``d2``; used to re-seed
-    empty clusters the way scikit-learn does.
+    empty clusters the way scikit-learn does, when the step kept no distances.
     """
     x = load(block)
     labels, d2 = assign(x, packed, tiles)
-    m = min(m, len(d2))
-    idx = np.argpartition(d2, len(d2) - m)[len(d2) - m :] if m < len(d2) else np.arange(len(d2))
-    order = idx[np.argsort(-d2[idx], kind="stable")]
+    order = _farthest_order(d2, m)
     return d2[order].astype(np.float64), order + start, labels[order], x[order].copy()
+
+
+def farthest_from_step(block, step, m: int, start: int):
+    """:func:`farthest_rows` from the labels and distances a :func:`lloyd_step` kept.
+
+    No distance is computed: the block is read once for the chosen rows (as scikit-learn
+    relocates from the distances of the assignment it just made).
+    """
+    labels, d2 = step[0], step[1]
+    order = _farthest_order(d2, m)
+    rows = load(block)[order].copy()
+    return d2[order].astype(np.float64), order + start, labels[order], rows
 
 
 def take_rows(block, local_index: np.ndarray) -> np.ndarray:

@@ -25,7 +25,14 @@ from dkm._parallel.keys import Keys
 from dkm._validation import Interval, Options, Range, short_repr
 from dkm.kmeans import _kernels
 from dkm.kmeans.init import INIT_METHODS, check_init_array, data_range, init_on_rows, initialize
-from dkm.kmeans.lloyd import EMPTY_POLICIES, LloydProgress, assign_pass, lloyd, objective
+from dkm.kmeans.lloyd import (
+    ASSIGNMENTS,
+    EMPTY_POLICIES,
+    LloydProgress,
+    assign_pass,
+    lloyd,
+    objective,
+)
 from dkm.kmeans.minibatch import minibatch
 
 __all__ = ["KMeans", "MiniBatchKMeans"]
@@ -123,10 +130,11 @@ class _KMeansBase(ClusterMixin, TransformerMixin, ParallelEstimator):
 
     def _final_pass(self, blocks: Blocks, centers: np.ndarray, keys: Keys, algorithm: str):
         """Labels and inertia of final centres: one assignment pass over the data."""
-        _, labels, (sums, counts, _) = assign_pass(
+        done = assign_pass(
             blocks, centers, [None] * blocks.nblocks, keys, algorithm=algorithm, phase="final"
         )
-        return labels, objective(blocks.stats["sq_norm_total"], centers, sums, counts)
+        sums, counts = done.totals[:2]
+        return done.labels, objective(blocks.stats["sq_norm_total"], centers, sums, counts)
 
     def _set_model(self, centers_centered: np.ndarray, shift: np.ndarray) -> None:
         self._x_mean = np.asarray(shift)
@@ -256,6 +264,13 @@ class KMeans(_KMeansBase):
     ----------
     n_clusters : int, default 8
         Number of clusters.
+    algorithm : {"auto", "lloyd", "hamerly"}, default "auto"
+        How each iteration finds every row's nearest centre. "lloyd" computes every
+        distance; "hamerly" keeps two distance bounds per row on the workers (8 bytes) and
+        skips the rows that cannot change centre, computing distances only for the rest.
+        Both give the same labels, centres and history to the last bit (a row is skipped
+        only when its bounds clear the float rounding of the distances); "hamerly" is
+        faster once most rows have settled. "auto" picks "hamerly".
     init : {"k-means||", "k-means++", "random", "sample", "uniform"} or array of shape (k, d)
         "k-means||": Bahmani et al. scalable k-means++ (``init_max_iter`` rounds of
         ``oversampling_factor * k`` samples, weighted reclustering), chunking independent.
@@ -318,8 +333,10 @@ default "farthest"
     history_ : xarray.Dataset
         Over ``iteration``: inertia (of the assignment made in that iteration), center_shift
         (sum of squared shifts), n_moved, n_empty, n_reseeded, seconds, n_tasks (tasks
-        submitted), extra_passes; attrs: init, empty_cluster, converged, tol_abs, n_blocks,
-        and init_range ``[lo, hi]`` when "uniform" or "random-vector" used one.
+        submitted), extra_passes, n_computed (rows whose distances were computed: all of
+        them with "lloyd", those the bounds could not keep with "hamerly"); attrs: init,
+        empty_cluster, assignment, converged, tol_abs, n_blocks, and init_range
+        ``[lo, hi]`` when "uniform" or "random-vector" used one.
     init_info_ : dict
         Details of the initialisation (seconds, passes; rounds and candidates for k-means||).
     n_features_in_ : int
@@ -335,6 +352,7 @@ default "farthest"
         **_COMMON_RULES,
         "n_init": [Interval(int, 1), Options("auto")],
         "empty_cluster": [Options(*EMPTY_POLICIES)],
+        "algorithm": [Options("auto", *ASSIGNMENTS)],
         "verbose": ["boolean"],
     }
 
@@ -342,6 +360,7 @@ default "farthest"
         self,
         n_clusters: int = 8,
         *,
+        algorithm: str = "auto",
         init: str | np.ndarray = "k-means||",
         init_range: tuple[float, float] | None = None,
         n_init: int | str = 1,
@@ -358,6 +377,7 @@ default "farthest"
         verbose: bool = False,
     ):
         self.n_clusters = n_clusters
+        self.algorithm = algorithm
         self.init = init
         self.init_range = init_range
         self.n_init = n_init
@@ -372,6 +392,12 @@ default "farthest"
         self.persist = persist
         self.variable = variable
         self.verbose = verbose
+
+    def _assignment(self) -> str:
+        """How the iterations assign rows: ``algorithm``, with "auto" resolved."""
+        if self.algorithm != "auto":
+            return self.algorithm
+        return "hamerly"
 
     def _n_init(self) -> int:
         if not isinstance(self.init, str):
@@ -497,6 +523,7 @@ default "farthest"
                 verbose=self.verbose,
                 start=start,
                 value_range=value_range,
+                assignment=self._assignment(),
                 callback=None
                 if callback is None
                 else _state_reporter(callback, run, seed, info, best),
@@ -530,6 +557,7 @@ default "farthest"
                 "algorithm": "lloyd",
                 "init": self.init if isinstance(self.init, str) else "array",
                 "empty_cluster": self.empty_cluster,
+                "assignment": self._assignment(),
                 "converged": best.converged,
                 "tol_abs": best.tol_abs,
                 "best_start": best.start,

@@ -2,15 +2,15 @@
 
 Per iteration the driver submits the same tasks, whatever the iteration number:
 
-- ``nblocks`` fused E-step + partial M-step tasks (:func:`dkm._parallel.kernels.lloyd_step`),
-  each returning labels (kept on the worker for the next moved-points count) and
-  ``(sums, counts, moved)``;
+- ``nblocks`` fused E-step + partial M-step tasks (:func:`dkm._parallel.kernels.lloyd_step`,
+  or :func:`dkm.kmeans._hamerly.hamerly_step` when pruned), each returning labels and per-row
+  distances or bounds (kept on the worker for the next step) and ``(sums, counts, moved)``;
 - ``2 * nblocks`` tiny selector tasks and, for large partials, a tree reduction;
 - one gather of a ``k x d`` float64 array to this process, which computes the new centroids.
 
 Centroids enter as one packed ``(d + 1) x k`` array, scattered to all workers when large.
-Nothing in the graph refers to the previous iteration except the label futures, so the graph
-does not grow.
+Nothing in the graph refers to the previous iteration except the previous steps' futures, so
+the graph does not grow.
 """
 
 from __future__ import annotations
@@ -26,13 +26,25 @@ from dkm._parallel import kernels
 from dkm._parallel.blocks import Blocks
 from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
+from dkm.kmeans import _hamerly
 from dkm.kmeans.init import data_range, uniform_vectors
 
-__all__ = ["EMPTY_POLICIES", "LloydProgress", "LloydResult", "assign_pass", "lloyd", "objective"]
+__all__ = [
+    "ASSIGNMENTS",
+    "EMPTY_POLICIES",
+    "LloydProgress",
+    "LloydResult",
+    "assign_pass",
+    "lloyd",
+    "objective",
+]
 
 log = logging.getLogger("dkm")
 
 EMPTY_POLICIES = ("farthest", "random-point", "random-vector", "zero", "keep")
+# How an iteration assigns rows: every distance ("lloyd"), or Hamerly's bounds skip the rows
+# that cannot move ("hamerly"); both give the same labels and centres.
+ASSIGNMENTS = ("lloyd", "hamerly")
 HISTORY_KEYS = (
     "inertia",
     "center_shift",
@@ -42,6 +54,7 @@ HISTORY_KEYS = (
     "seconds",
     "n_tasks",
     "extra_passes",
+    "n_computed",
 )
 
 
@@ -106,7 +119,7 @@ class _EmptyHandler:
         )
         self.value_range = value_range
 
-    def apply(self, it, centers, packed_ref, sums, counts):
+    def apply(self, it, centers, done: _Pass, sums, counts):
         """Re-seed empty clusters in place on ``sums``/``counts``; return fixed centres dict."""
         empty = np.flatnonzero(counts == 0)
         fixed: dict[int, np.ndarray] = {}
@@ -119,19 +132,31 @@ class _EmptyHandler:
         passes = 0
         if self.policy == "farthest":
             # Like scikit-learn: the rows farthest from their centres move to the empty
-            # clusters, leaving their old clusters. One extra pass, only when needed.
+            # clusters, leaving their old clusters. The plain step kept every row's distance,
+            # so that costs one read of the chosen rows; the pruned step kept bounds only, so
+            # there it is another distance pass (counted in ``extra_passes``).
             m = len(empty)
-            futs = be.map(
-                kernels.farthest_rows,
-                b.handles,
-                [packed_ref] * b.nblocks,
-                [m] * b.nblocks,
-                b.starts.tolist(),
-                [self.tiles] * b.nblocks,
-                name=self.keys("lloyd", "farthest", it=it),
-            )
+            if done.pruned:
+                futs = be.map(
+                    kernels.farthest_rows,
+                    b.handles,
+                    [done.packed] * b.nblocks,
+                    [m] * b.nblocks,
+                    b.starts.tolist(),
+                    [self.tiles] * b.nblocks,
+                    name=self.keys("lloyd", "farthest", it=it),
+                )
+                passes = 1
+            else:
+                futs = be.map(
+                    kernels.farthest_from_step,
+                    b.handles,
+                    done.steps,
+                    [m] * b.nblocks,
+                    b.starts.tolist(),
+                    name=self.keys("lloyd", "farthest", it=it),
+                )
             parts = be.gather(futs)
-            passes = 1
             d2 = np.concatenate([p[0] for p in parts])
             gidx = np.concatenate([p[1] for p in parts])
             labs = np.concatenate([p[2] for p in parts])
@@ -165,17 +190,31 @@ class _EmptyHandler:
         return empty, fixed, passes
 
 
+@dataclass
+class _Pass:
+    """One assignment pass: the shared packed centres, the per-block steps (they stay on
+    the workers for the next pass), their labels, and the reduced statistics."""
+
+    packed: object
+    steps: list
+    labels: list
+    totals: tuple
+    pruned: bool
+
+
 def assign_pass(
     blocks: Blocks,
     C: np.ndarray,
-    prev_labels: list,
+    prev_steps: list,
     keys: Keys,
     *,
     algorithm: str = "lloyd",
     phase: str = "assign",
     tiles: Tiles | None = None,
+    assignment: str = "lloyd",
+    previous_centers: np.ndarray | None = None,
     **counters: int,
-):
+) -> _Pass:
     """One pass over the data: nearest centre per row and the reduced partial statistics.
 
     Parameters
@@ -184,38 +223,55 @@ def assign_pass(
         The (centered) data.
     C : ndarray (k, d)
         Centres in the blocks' coordinates.
-    prev_labels : list
-        Per-block labels of the previous pass (or None each) for the moved-points count.
+    prev_steps : list
+        Per-block steps of the previous pass (or None each): their labels give the
+        moved-points count, and the pruned pass updates their bounds.
     keys : Keys
         Task key maker; the keys read ``<algorithm>-<phase>``, ``<algorithm>-reduce``... with
         ``counters`` (e.g. ``it=3``) keeping them unique.
     tiles : Tiles, optional
         Kernel tile sizes (default: from dask config).
+    assignment : {"lloyd", "hamerly"}
+        Compute every distance, or skip the rows Hamerly's bounds keep where they are.
+    previous_centers : ndarray (k, d), optional
+        The centres of ``prev_steps`` (the pruned pass moves their bounds by the shift).
 
     Returns
     -------
-    packed_ref, labels, (sums, counts, n_moved)
-        The shared packed centres (the empty-cluster policy reuses them), the per-block label
-        handles (they stay where the blocks are) and the reduced statistics.
+    _Pass
     """
     be, nb = blocks.backend, blocks.nblocks
     tiles = tiles or Tiles.from_config()
     part_bytes = C.shape[0] * (blocks.d + 1) * 8
     packed_ref = be.share(kernels.pack_centers(C, blocks.dtype))
-    steps = be.map(
-        kernels.lloyd_step,
-        blocks.handles,
-        [packed_ref] * nb,
-        prev_labels,
-        [tiles] * nb,
-        name=keys(algorithm, phase, **counters),
-    )
+    pruned = assignment == "hamerly"
+    if pruned:
+        had = previous_centers is not None and any(p is not None for p in prev_steps)
+        motion = _hamerly.centre_motion(previous_centers if had else None, C)
+        steps = be.map(
+            _hamerly.hamerly_step,
+            blocks.handles,
+            [packed_ref] * nb,
+            prev_steps,
+            [be.share(motion)] * nb,
+            [tiles] * nb,
+            name=keys(algorithm, phase, **counters),
+        )
+    else:
+        steps = be.map(
+            kernels.lloyd_step,
+            blocks.handles,
+            [packed_ref] * nb,
+            prev_steps,
+            [tiles] * nb,
+            name=keys(algorithm, phase, **counters),
+        )
     labels = be.map(kernels.step_labels, steps, name=keys(algorithm, "labels", **counters))
     stats = be.map(kernels.step_stats, steps, name=keys(algorithm, "stats", **counters))
     totals = be.reduce(
         stats, kernels.combine_stats, name=keys(algorithm, "reduce", **counters), nbytes=part_bytes
     )
-    return packed_ref, labels, totals
+    return _Pass(packed_ref, steps, labels, totals, pruned)
 
 
 def lloyd(
@@ -231,6 +287,7 @@ def lloyd(
     start: LloydProgress | None = None,
     callback: Callable[[LloydProgress], None] | None = None,
     value_range: tuple[float, float] | None = None,
+    assignment: str = "lloyd",
 ) -> LloydResult:
     """Run Lloyd's algorithm from ``centers`` on prepared blocks.
 
@@ -262,6 +319,10 @@ def lloyd(
     value_range : (float, float), optional
         ``(lo, hi)`` of the "random-vector" policy in data coordinates (default: the data's
         global [min, max], :func:`dkm.kmeans.init.data_range`).
+    assignment : {"lloyd", "hamerly"}
+        Compute every distance each iteration, or keep Hamerly's distance bounds per row on
+        the workers and skip the rows that cannot change centre. The labels, centres and
+        history are the same either way.
 
     Returns
     -------
@@ -284,7 +345,10 @@ def lloyd(
     k = C.shape[0]
     part_bytes = k * (blocks.d + 1) * 8
     n_tasks = 3 * nb + blocks.backend.reduce_tasks(nb, part_bytes)
-    prev_labels: list = [None] * nb
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+    prev: list = [None] * nb  # the previous pass's steps, kept on the workers
+    C_prev = None
     hist: dict[str, list] = {key: [] for key in HISTORY_KEYS}
     first, stopped, inertia = 0, None, None
     if start is not None:
@@ -293,23 +357,41 @@ def lloyd(
         for key, values in start.history.items():
             if key in hist:
                 hist[key].extend(values)
+        done_before = len(start.history.get("inertia", []))
+        for values in hist.values():  # a key newer than the checkpoint: unknown there
+            values.extend([-1] * (done_before - len(values)))
         if start.previous_centers is not None and stopped is None:
             # The labels the interrupted run held, so that moved counts continue exactly.
-            _, prev_labels, _ = assign_pass(
-                blocks, start.previous_centers, prev_labels, keys, tiles=tiles, it=first - 1
-            )
+            prev = assign_pass(
+                blocks,
+                start.previous_centers,
+                prev,
+                keys,
+                tiles=tiles,
+                assignment=assignment,
+                it=first - 1,
+            ).steps
+            C_prev = np.asarray(start.previous_centers, dtype=np.float64)
     last = None
     it = first - 1
     for it in range(first, max_iter if stopped is None else first):
         t0 = time.perf_counter()
-        packed_ref, labels, (sums, counts, moved) = assign_pass(
-            blocks, C, prev_labels, keys, tiles=tiles, it=it
+        done = assign_pass(
+            blocks,
+            C,
+            prev,
+            keys,
+            tiles=tiles,
+            assignment=assignment,
+            previous_centers=C_prev,
+            it=it,
         )
+        sums, counts, moved, computed = done.totals
         sums = sums.copy()
         counts = counts.copy()
         raw_sums, raw_counts = sums.copy(), counts.copy()
         iteration_inertia = objective(sqn, C, raw_sums, raw_counts)
-        empty, fixed, extra = handler.apply(it, C, packed_ref, sums, counts)
+        empty, fixed, extra = handler.apply(it, C, done, sums, counts)
         C_new = C.copy()
         nz = counts > 0
         C_new[nz] = sums[nz] / counts[nz, None]
@@ -317,7 +399,7 @@ def lloyd(
             C_new[j] = v
         C_new = C_new.astype(dtype).astype(np.float64)
         shift = float(((C_new - C) ** 2).sum())
-        prev_labels = labels
+        prev = done.steps
         last = (raw_sums, raw_counts)
         hist["inertia"].append(iteration_inertia)
         hist["center_shift"].append(shift)
@@ -326,6 +408,7 @@ def lloyd(
         hist["n_reseeded"].append(len(empty) if empty_cluster != "keep" else 0)
         hist["n_tasks"].append(n_tasks)
         hist["extra_passes"].append(extra)
+        hist["n_computed"].append(int(computed))
         if verbose:
             log.info(
                 "iteration %d: inertia %.6g shift %.3g moved %d",
@@ -351,16 +434,24 @@ def lloyd(
     stopped = stopped or "max_iter"
     if stopped == "strict":
         if last is None:  # resumed after it had stopped: only the labels are missing
-            _, final_labels, _ = assign_pass(
+            final_labels = assign_pass(
                 blocks, C, [None] * nb, keys, phase="final", tiles=tiles
-            )
+            ).labels
         else:
-            final_labels = prev_labels
+            final_labels = done.labels
     else:  # one more E-step so labels and inertia belong to the final centres
-        _, final_labels, (s, c, _) = assign_pass(
-            blocks, C, prev_labels, keys, phase="final", tiles=tiles
+        final = assign_pass(
+            blocks,
+            C,
+            prev,
+            keys,
+            phase="final",
+            tiles=tiles,
+            assignment=assignment,
+            previous_centers=C_prev,
         )
-        inertia = objective(sqn, C, s, c)
+        final_labels = final.labels
+        inertia = objective(sqn, C, *final.totals[:2])
     return LloydResult(
         centers=C.astype(dtype),
         labels=final_labels,

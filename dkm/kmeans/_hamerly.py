@@ -1,0 +1,243 @@
+"""Pruned Lloyd (Hamerly's bounds) that gives exactly Lloyd's labels and centres.
+
+Each row keeps, between iterations and on the worker that holds its block, an upper bound
+``u`` on the distance to its centre and a lower bound ``l`` on the distance to every other
+centre. When the centres move by ``delta``, ``u + delta[a]`` and ``l - max(delta)`` are
+still bounds, and a row whose upper bound is below ``max(l, s[a])`` (``s[a]`` half the
+distance from its centre to the nearest other one) cannot change centre: no distance is
+computed for it. Only the other rows go through the fused distance kernel.
+
+"Exactly Lloyd's" is meant to the last bit: the plain loop picks the argmin of *float*
+distances in expanded form, which can differ from the true nearest centre when two centres
+are nearly equally far. A row is therefore skipped only when the squared-distance gap
+exceeds twice the rounding error bound of that expanded form
+(``(d + 2) eps (||x|| + max ||c||)^2``); the rows that are recomputed go through the same
+kernel as the plain loop; and the per-cluster sums add every row in row order, as the plain
+loop does. A test pins the equality of labels and centres at every iteration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dkm._parallel.kernels import Tiles, fused_pass, load
+
+# Relative slack on stored bounds: they are kept in float32 (4 bytes per row each), rounded
+# outwards by more than float32's half ulp.
+_SLACK = 1e-6
+
+
+def centre_motion(previous: np.ndarray | None, centers: np.ndarray) -> np.ndarray:
+    """What every block needs to update its bounds from ``previous`` to ``centers``.
+
+    One float64 array (so that it is shipped to the workers once, like the centres): rows
+    ``shift`` (how far each centre moved, rounded up; NaN before the first iteration, when
+    there are no bounds yet) and ``half_gap`` (half the distance from each centre to its
+    nearest other centre, rounded down; zeros when k is large, where the k x k distances
+    would cost more than they save), then one row holding the largest centre norm. Read
+    with :func:`_unpack_motion`.
+    """
+    c = np.asarray(centers, dtype=np.float64)
+    k = len(c)
+    out = np.zeros((3, k))
+    out[0] = np.nan
+    if previous is not None:
+        shift = np.sqrt(((c - np.asarray(previous, dtype=np.float64)) ** 2).sum(axis=1))
+        out[0] = shift * (1 + _SLACK)
+    out[1] = _half_gaps(c) if 1 < k <= 4096 else 0.0
+    out[2] = float(np.sqrt((c * c).sum(axis=1).max())) * (1 + _SLACK)
+    return out
+
+
+def _unpack_motion(motion: np.ndarray) -> dict | None:
+    """The bound updates of :func:`centre_motion`: None when it has no shifts.
+
+    ``first``/``second`` are the two largest shifts and ``argfirst`` the centre that moved
+    most: a row of that centre loses only the second largest from its lower bound.
+    """
+    shift = motion[0]
+    if np.isnan(shift[0]):
+        return None
+    order = np.argsort(-shift, kind="stable")
+    return {
+        "shift": shift,
+        "argfirst": int(order[0]),
+        "first": float(shift[order[0]]),
+        "second": float(shift[order[1]]) if len(shift) > 1 else 0.0,
+        "half_gap": motion[1],
+        "cmax": float(motion[2, 0]),
+    }
+
+
+def _half_gaps(c: np.ndarray) -> np.ndarray:
+    """Half the distance from each centre to its nearest other one, rounded down."""
+    k = len(c)
+    sq = (c * c).sum(axis=1)
+    out = np.empty(k)
+    step = max(1, 2**22 // k)  # about 32 MB of float64 distances at a time
+    for a in range(0, k, step):
+        d2 = sq[a : a + step, None] - 2 * c[a : a + step] @ c.T + sq[None, :]
+        d2[np.arange(len(d2)), np.arange(a, a + len(d2))] = np.inf
+        out[a : a + step] = d2.min(axis=1)
+    # The expanded form cancels: take off a margin of its float64 rounding error.
+    out = np.maximum(out - 1e-12 * (sq + sq.max()), 0)
+    return 0.5 * np.sqrt(out) * (1 - _SLACK)
+
+
+def _error_eps(dtype: np.dtype, d: int) -> float:
+    """Factor of ``(||x|| + max ||c||)^2`` that bounds the expanded distance's rounding."""
+    return (d + 2) * float(np.finfo(dtype).eps)
+
+
+def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
+    """One pruned Lloyd step on a block: labels, bounds and the partial statistics.
+
+    Parameters
+    ----------
+    block : array or ZarrRows
+        The block's rows (centered).
+    packed : ndarray (d + 1, k)
+        :func:`dkm._parallel.kernels.pack_centers` of the current centres.
+    prev : tuple or None
+        This block's previous step ``(labels, (upper, lower), stats)``, or None (every row
+        is computed, and bounds are set up).
+    motion : ndarray
+        :func:`centre_motion` from the previous centres to the current ones.
+    tiles : Tiles
+        Kernel tile sizes.
+
+    Returns
+    -------
+    (labels, (upper, lower), (sums, counts, n_moved, n_computed))
+        Like :func:`dkm._parallel.kernels.lloyd_step`, with the bounds in place of the
+        squared distances.
+    """
+    x = load(block)
+    n, d = x.shape
+    k = packed.shape[1]
+    eps = _error_eps(x.dtype, d)
+    sums = np.zeros((k, d), dtype=np.float64)
+    cmax = float(motion[2, 0])
+    update = _unpack_motion(motion)
+    if prev is None or update is None or not isinstance(prev[1], tuple):
+        labels = np.empty(n, dtype=np.int32)
+        d2 = np.empty(n, dtype=x.dtype)
+        second = np.empty(n, dtype=x.dtype)
+        fused_pass(x, packed, tiles, labels, d2=d2, second=second, sums=sums)
+        upper, lower = np.empty(n, np.float32), np.empty(n, np.float32)
+        _kernels().bounds(x, d2, second, eps, cmax, _SLACK, upper, lower)
+        counts = np.bincount(labels, minlength=k).astype(np.int64)
+        moved = n if prev is None else int(np.count_nonzero(labels != prev[0]))
+        return labels, (upper, lower), (sums, counts, moved, n)
+
+    old = prev[0]
+    labels = old.copy()
+    upper, lower = prev[1][0].copy(), prev[1][1].copy()
+    centers = packed[:-1].T.astype(np.float64) * -0.5  # exact: -2 c was exact
+    todo = np.empty(n, dtype=np.int64)
+    m = _kernels().scan(
+        x,
+        labels,
+        upper,
+        lower,
+        update["shift"],
+        update["argfirst"],
+        update["first"],
+        update["second"],
+        update["half_gap"],
+        cmax,
+        eps,
+        _SLACK,
+        centers,
+        todo,
+    )
+    if m:
+        rows = todo[:m]
+        xs = x[rows]
+        lab = np.empty(m, dtype=np.int32)
+        d2 = np.empty(m, dtype=x.dtype)
+        second = np.empty(m, dtype=x.dtype)
+        fused_pass(xs, packed, tiles, lab, d2=d2, second=second)
+        up, lo = np.empty(m, np.float32), np.empty(m, np.float32)
+        _kernels().bounds(xs, d2, second, eps, cmax, _SLACK, up, lo)
+        labels[rows], upper[rows], lower[rows] = lab, up, lo
+    _kernels().accumulate(x, labels, sums)
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    moved = int(np.count_nonzero(labels != old))
+    return labels, (upper, lower), (sums, counts, moved, m)
+
+
+def _bounds_py(x, d2, second, eps, cmax, slack, upper, lower):  # pragma: no cover - numba
+    n, d = x.shape
+    for i in range(n):
+        q = 0.0
+        for f in range(d):
+            q += float(x[i, f]) * float(x[i, f])
+        err = 2.0 * eps * (np.sqrt(q) + cmax) ** 2
+        upper[i] = np.sqrt(float(d2[i]) + err) * (1 + slack)
+        lower[i] = np.sqrt(max(float(second[i]) - err, 0.0)) * (1 - slack)
+
+
+def _scan_py(  # pragma: no cover - numba
+    x, labels, upper, lower, shift, argfirst, first, second, half_gap, cmax, eps, slack, c, todo
+):
+    n, d = x.shape
+    m = 0
+    for i in range(n):
+        a = labels[i]
+        u = (float(upper[i]) + shift[a]) * (1 + slack)
+        lo = float(lower[i]) - (second if a == argfirst else first)
+        lo = max(lo, 0.0) * (1 - slack)
+        z = max(lo, half_gap[a])
+        lower[i] = lo
+        upper[i] = u
+        if u >= z:
+            todo[m] = i
+            m += 1
+            continue
+        q = 0.0
+        for f in range(d):
+            q += float(x[i, f]) * float(x[i, f])
+        err = 2.0 * eps * (np.sqrt(q) + cmax) ** 2
+        if (z - u) * (z + u) > err:
+            continue
+        # Tighten the upper bound to the exact distance to the row's centre.
+        e = 0.0
+        for f in range(d):
+            t = float(x[i, f]) - c[a, f]
+            e += t * t
+        u = np.sqrt(e) * (1 + slack)
+        upper[i] = u
+        if u < z and (z - u) * (z + u) > err:
+            continue
+        todo[m] = i
+        m += 1
+    return m
+
+
+def _accumulate_py(x, labels, sums):  # pragma: no cover - numba
+    n, d = x.shape
+    for i in range(n):
+        lab = labels[i]
+        for f in range(d):
+            sums[lab, f] += x[i, f]
+
+
+class _Compiled:
+    def __init__(self):
+        import numba
+
+        jit = numba.njit(nogil=True, cache=True)
+        self.bounds = jit(_bounds_py)
+        self.scan = jit(_scan_py)
+        self.accumulate = jit(_accumulate_py)
+
+
+_COMPILED: _Compiled | None = None
+
+
+def _kernels() -> _Compiled:
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = _Compiled()
+    return _COMPILED

@@ -1,0 +1,193 @@
+"""The fused assignment kernel and the pruned (Hamerly) Lloyd: exact against references.
+
+The fused kernel must give numpy's argmin (first index on ties), the squared distances and
+the float64 per-cluster sums of a plain numpy reference; the pruned Lloyd must give the
+plain Lloyd's labels, centres and history to the last bit, under every empty-cluster
+policy, on threads and on worker processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+
+from dkm._parallel import kernels
+from dkm._parallel.kernels import Tiles
+from dkm.kmeans import _hamerly
+from dkm.kmeans.estimators import KMeans
+
+POLICIES = ["farthest", "random-point", "random-vector", "zero", "keep"]
+
+
+def _reference(x: np.ndarray, centers: np.ndarray):
+    """Plain numpy: the expanded distances in the working dtype, argmin, sums in float64."""
+    packed = kernels.pack_centers(centers, x.dtype)
+    dist = x @ packed[:-1] + packed[-1]
+    labels = np.argmin(dist, axis=1)
+    rows = np.arange(len(x))
+    xsq = np.einsum("ij,ij->i", x, x)
+    d2 = np.maximum(dist[rows, labels] + xsq, 0)
+    dist[rows, labels] = np.inf
+    second = np.maximum(dist.min(axis=1) + xsq, 0) if centers.shape[0] > 1 else None
+    k, d = centers.shape
+    sums = np.zeros((k, d))
+    np.add.at(sums, labels, x.astype(np.float64))
+    return labels, d2, second, sums, np.bincount(labels, minlength=k)
+
+
+def _tied_data(dtype):
+    """Rows with exact ties: duplicated centres, and rows half-way between two centres."""
+    rng = np.random.default_rng(0)
+    centers = (4 * rng.integers(-4, 5, size=(37, 6))).astype(dtype)
+    centers[2] = centers[1]
+    centers[2, 0] += 2  # the mid-point of 1 and 2 is 1 from both, 3 or more from the rest
+    centers[5] = centers[3]  # duplicates: their rows must go to the lower index
+    centers[20] = centers[3]
+    x = rng.integers(-16, 17, size=(3000, 6)).astype(dtype)
+    x[:100] = (centers[1] + centers[2]) / 2
+    x[100:200] = centers[3]
+    return x, centers
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("tile_bytes", [2**20, 4 * 256 * 8])  # one tile of centres; chunks of 8
+def test_fused_pass_matches_numpy_including_ties(dtype, tile_bytes):
+    x, centers = _tied_data(dtype)
+    tiles = Tiles(tile_bytes=tile_bytes)
+    packed = kernels.pack_centers(centers, np.dtype(dtype))
+    n, k = len(x), len(centers)
+    labels = np.empty(n, np.int32)
+    d2, second = np.empty(n, dtype), np.empty(n, dtype)
+    sums, counts = np.zeros((k, x.shape[1])), np.zeros(k, np.int64)
+    kernels.fused_pass(x, packed, tiles, labels, d2=d2, second=second, sums=sums, counts=counts)
+    ref_labels, ref_d2, ref_second, ref_sums, ref_counts = _reference(x, centers)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert (labels[:100] == 1).all() and (labels[100:200] == 3).all()
+    np.testing.assert_allclose(d2, ref_d2, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(second, ref_second, rtol=1e-6, atol=1e-5)
+    assert (second[100:200] == 0).all()  # the duplicates of centre 3
+    np.testing.assert_array_equal(counts, ref_counts)
+    np.testing.assert_allclose(sums, ref_sums, rtol=1e-12)
+
+
+def test_fused_step_equals_the_numpy_step_to_the_bit():
+    """Workers below ``numba_min_memory`` run the numpy twin: the same labels and sums."""
+    x, _ = make_blobs(20_000, n_features=25, centers=300, random_state=1)
+    x = x.astype(np.float32)
+    centers = x[np.random.default_rng(2).choice(len(x), 300, replace=False)]
+    packed = kernels.pack_centers(centers, np.dtype(np.float32))
+    fused = kernels.lloyd_step(x, packed, None, Tiles(numba_min_memory=0))
+    plain = kernels.lloyd_step(x, packed, None, Tiles(numba_min_memory=2**62))
+    np.testing.assert_array_equal(fused[0], plain[0])
+    np.testing.assert_array_equal(fused[2][0], plain[2][0])  # float64 sums, same bits
+    np.testing.assert_array_equal(fused[2][1], plain[2][1])
+    np.testing.assert_allclose(fused[1], plain[1], rtol=1e-6, atol=1e-4)
+
+
+def test_farthest_from_the_step_equals_a_distance_pass():
+    x, _ = make_blobs(5_000, n_features=4, centers=6, random_state=3)
+    x = x.astype(np.float32)
+    packed = kernels.pack_centers(x[:6], np.dtype(np.float32))
+    tiles = Tiles()
+    step = kernels.lloyd_step(x, packed, None, tiles)
+    kept = kernels.farthest_from_step(x, step, 5, 1000)
+    again = kernels.farthest_rows(x, packed, 5, 1000, tiles)
+    for a, b in zip(kept, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bounds_are_bounds():
+    """After a pruned step every row's upper bound is >= its distance to its centre and its
+    lower bound <= its distance to every other centre (exact float64 distances)."""
+    x, _ = make_blobs(4_000, n_features=5, centers=12, random_state=4)
+    x = x.astype(np.float32)
+    rng = np.random.default_rng(5)
+    c0 = x[rng.choice(len(x), 12, replace=False)].astype(np.float64)
+    c1 = c0 + rng.normal(scale=0.3, size=c0.shape)
+    c1 = c1.astype(np.float32).astype(np.float64)
+    tiles = Tiles()
+    first = _hamerly.hamerly_step(
+        x,
+        kernels.pack_centers(c0, np.dtype(np.float32)),
+        None,
+        _hamerly.centre_motion(None, c0),
+        tiles,
+    )
+    step = _hamerly.hamerly_step(
+        x,
+        kernels.pack_centers(c1, np.dtype(np.float32)),
+        first,
+        _hamerly.centre_motion(c0, c1),
+        tiles,
+    )
+    labels, (upper, lower) = step[0], step[1]
+    dist = np.sqrt(((x.astype(np.float64)[:, None, :] - c1[None]) ** 2).sum(-1))
+    rows = np.arange(len(x))
+    assert (upper >= dist[rows, labels]).all()
+    dist[rows, labels] = np.inf
+    assert (lower <= dist.min(axis=1)).all()
+    assert step[2][3] < len(x)  # some rows were skipped
+
+
+def _fit_pair(X, C0, **kw):
+    plain = KMeans(len(C0), init=C0, algorithm="lloyd", **kw).fit(X)
+    pruned = KMeans(len(C0), init=C0, algorithm="hamerly", **kw).fit(X)
+    return plain, pruned
+
+
+def _assert_identical(plain, pruned):
+    assert pruned.history_.attrs["assignment"] == "hamerly"
+    assert plain.n_iter_ == pruned.n_iter_
+    np.testing.assert_array_equal(plain.cluster_centers_, pruned.cluster_centers_)
+    np.testing.assert_array_equal(np.asarray(plain.labels_), np.asarray(pruned.labels_))
+    assert plain.inertia_ == pruned.inertia_
+    for key in ("inertia", "center_shift", "n_moved", "n_empty", "n_reseeded"):
+        np.testing.assert_array_equal(plain.history_[key].values, pruned.history_[key].values)
+
+
+def _blobs_and_start(n=40_000, d=8, k=40, seed=0):
+    X, _ = make_blobs(n, n_features=d, centers=k, cluster_std=2.5, random_state=seed)
+    X = X.astype(np.float32)
+    C0 = X[np.random.default_rng(seed).choice(n, k, replace=False)].astype(np.float64)
+    return X, C0
+
+
+def test_pruned_lloyd_is_lloyd_on_threads(threaded_client):
+    X, C0 = _blobs_and_start()
+    plain, pruned = _fit_pair(X, C0, tol=0, max_iter=200)
+    _assert_identical(plain, pruned)
+    assert plain.history_.attrs["converged"] == "strict"
+    computed = pruned.history_["n_computed"].values
+    assert (plain.history_["n_computed"].values == len(X)).all()
+    # Pruning must actually skip work: late iterations compute a small share of the rows.
+    assert computed[0] == len(X) and computed[-3:].max() < 0.2 * len(X)
+
+
+@pytest.mark.slow
+def test_pruned_lloyd_is_lloyd_on_worker_processes(client):
+    X, C0 = _blobs_and_start(n=30_000, k=24, seed=1)
+    plain, pruned = _fit_pair(X, C0, tol=1e-4, max_iter=100)
+    _assert_identical(plain, pruned)
+    assert pruned.history_.attrs["backend"] == "distributed"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pruned_lloyd_is_lloyd_under_every_empty_cluster_policy(threaded_client, policy):
+    X, _ = make_blobs(6_000, n_features=3, centers=6, cluster_std=0.6, random_state=2)
+    X = X.astype(np.float32)
+    # Two centres no row picks at first, and a duplicate: clusters go empty.
+    C0 = np.vstack([X[[0, 10, 20, 30, 40, 50]], X[[10]], np.full((2, 3), 500.0)])
+    plain, pruned = _fit_pair(
+        X, C0.astype(np.float64), tol=0, max_iter=60, empty_cluster=policy, random_state=3
+    )
+    _assert_identical(plain, pruned)
+    assert plain.history_["n_empty"].values[0] >= 2
+
+
+def test_pruned_lloyd_on_float64_data_with_large_offsets(threaded_client):
+    """Rows far from the origin: the rounding margins must keep the pruning exact."""
+    X, C0 = _blobs_and_start(n=20_000, d=5, k=30, seed=4)
+    X = X.astype(np.float64) + 1e4
+    plain, pruned = _fit_pair(X, C0 + 1e4, tol=0, max_iter=80, dtype=np.float64)
+    _assert_identical(plain, pruned)
