@@ -46,8 +46,10 @@ class Algorithm:
     k_param: str = "n_clusters"
     job_defaults: Mapping[str, Any] = field(default_factory=lambda: {"random_state": 0})
     checkpoints: bool = False
-    # Parameters a job file cannot set: the runner decides them.
-    runner_params: tuple[str, ...] = ("variable", "verbose", "persist")
+    # Parameters a job file cannot set: the runner decides them. KMeans's ``algorithm`` (how
+    # an iteration assigns rows, with the same result either way) is left at "auto": a job's
+    # ``model.algorithm`` names the model family.
+    runner_params: tuple[str, ...] = ("variable", "verbose", "persist", "algorithm")
 
     def job_rules(self) -> dict[str, list]:
         """The rules of the parameters a job may set (``model.<name>``)."""
