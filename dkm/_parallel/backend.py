@@ -247,8 +247,11 @@ class DistributedBackend(Backend):
             try:
                 wait(futures, timeout=poll)
                 return
-            except TimeoutError:
-                pass
+            except TimeoutError as err:
+                # distributed's sync() keeps the error in a closure that the traceback holds:
+                # a cycle through this frame that kept ``futures`` (a fit's blocks) on the
+                # workers until Python's garbage collector ran, beside the next fit's blocks.
+                err.__traceback__ = None
             if self.client.status != "running":
                 return  # the scheduler is gone: gather reports it
             try:
