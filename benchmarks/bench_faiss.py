@@ -397,9 +397,13 @@ def machine_facts() -> list[str]:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     numpy_blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout
+
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    if git("status", "--porcelain", "--", "dkm").strip():
+        commit += " + uncommitted changes in dkm/"
     import sklearn
 
     mem = psutil.virtual_memory().total / 2**30
@@ -616,6 +620,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     modes = set(args.modes.split(","))
+    if args.quick:
+        args.conv_budget = min(args.conv_budget, 5.0)
 
     warm_up()
     args.pruning, why = pruning_available()
