@@ -121,7 +121,7 @@ def test_bounds_are_bounds():
         _hamerly.centre_motion(c0, c1),
         tiles,
     )
-    labels, (upper, lower) = step[0], step[1]
+    labels, (upper, lower, _) = step[0], step[1]
     dist = np.sqrt(((x.astype(np.float64)[:, None, :] - c1[None]) ** 2).sum(-1))
     rows = np.arange(len(x))
     assert (upper >= dist[rows, labels]).all()

@@ -99,7 +99,7 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
     packed : ndarray (d + 1, k)
         :func:`dkm._parallel.kernels.pack_centers` of the current centres.
     prev : tuple or None
-        This block's previous step ``(labels, (upper, lower), stats)``, or None (every row
+        This block's previous step ``(labels, (upper, lower, norms), stats)``, or None (every row
         is computed, and bounds are set up).
     motion : ndarray
         :func:`centre_motion` from the previous centres to the current ones.
@@ -108,9 +108,9 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
 
     Returns
     -------
-    (labels, (upper, lower), (sums, counts, n_moved, n_computed))
-        Like :func:`dkm._parallel.kernels.lloyd_step`, with the bounds in place of the
-        squared distances.
+    (labels, (upper, lower, norms), (sums, counts, n_moved, n_computed))
+        Like :func:`dkm._parallel.kernels.lloyd_step`, with the bounds (and the row norms
+        their rounding margins need) in place of the squared distances.
     """
     x = load(block)
     n, d = x.shape
@@ -125,18 +125,21 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
         second = np.empty(n, dtype=x.dtype)
         fused_pass(x, packed, tiles, labels, d2=d2, second=second, sums=sums)
         upper, lower = np.empty(n, np.float32), np.empty(n, np.float32)
-        _kernels().bounds(x, d2, second, eps, cmax, _SLACK, upper, lower)
+        norms = np.empty(n, np.float32)
+        _kernels().norms(x, _SLACK, norms)
+        _kernels().bounds(norms, d2, second, eps, cmax, _SLACK, upper, lower)
         counts = np.bincount(labels, minlength=k).astype(np.int64)
         moved = n if prev is None else int(np.count_nonzero(labels != prev[0]))
-        return labels, (upper, lower), (sums, counts, moved, n)
+        return labels, (upper, lower, norms), (sums, counts, moved, n)
 
     old = prev[0]
     labels = old.copy()
-    upper, lower = prev[1][0].copy(), prev[1][1].copy()
+    upper, lower, norms = prev[1][0].copy(), prev[1][1].copy(), prev[1][2]
     centers = packed[:-1].T.astype(np.float64) * -0.5  # exact: -2 c was exact
     todo = np.empty(n, dtype=np.int64)
     m = _kernels().scan(
         x,
+        norms,
         labels,
         upper,
         lower,
@@ -159,27 +162,46 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
         second = np.empty(m, dtype=x.dtype)
         fused_pass(xs, packed, tiles, lab, d2=d2, second=second)
         up, lo = np.empty(m, np.float32), np.empty(m, np.float32)
-        _kernels().bounds(xs, d2, second, eps, cmax, _SLACK, up, lo)
+        _kernels().bounds(norms[rows], d2, second, eps, cmax, _SLACK, up, lo)
         labels[rows], upper[rows], lower[rows] = lab, up, lo
     _kernels().accumulate(x, labels, sums)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     moved = int(np.count_nonzero(labels != old))
-    return labels, (upper, lower), (sums, counts, moved, m)
+    return labels, (upper, lower, norms), (sums, counts, moved, m)
 
 
-def _bounds_py(x, d2, second, eps, cmax, slack, upper, lower):  # pragma: no cover - numba
+def _norms_py(x, slack, norms):  # pragma: no cover - numba
     n, d = x.shape
     for i in range(n):
         q = 0.0
         for f in range(d):
             q += float(x[i, f]) * float(x[i, f])
-        err = 2.0 * eps * (np.sqrt(q) + cmax) ** 2
+        norms[i] = np.sqrt(q) * (1 + slack)
+
+
+def _bounds_py(norms, d2, second, eps, cmax, slack, upper, lower):  # pragma: no cover - numba
+    for i in range(len(norms)):
+        err = 2.0 * eps * (norms[i] + cmax) ** 2
         upper[i] = np.sqrt(float(d2[i]) + err) * (1 + slack)
         lower[i] = np.sqrt(max(float(second[i]) - err, 0.0)) * (1 - slack)
 
 
 def _scan_py(  # pragma: no cover - numba
-    x, labels, upper, lower, shift, argfirst, first, second, half_gap, cmax, eps, slack, c, todo
+    x,
+    norms,
+    labels,
+    upper,
+    lower,
+    shift,
+    argfirst,
+    first,
+    second,
+    half_gap,
+    cmax,
+    eps,
+    slack,
+    c,
+    todo,
 ):
     n, d = x.shape
     m = 0
@@ -195,10 +217,7 @@ def _scan_py(  # pragma: no cover - numba
             todo[m] = i
             m += 1
             continue
-        q = 0.0
-        for f in range(d):
-            q += float(x[i, f]) * float(x[i, f])
-        err = 2.0 * eps * (np.sqrt(q) + cmax) ** 2
+        err = 2.0 * eps * (norms[i] + cmax) ** 2
         if (z - u) * (z + u) > err:
             continue
         # Tighten the upper bound to the exact distance to the row's centre.
@@ -228,6 +247,7 @@ class _Compiled:
         import numba
 
         jit = numba.njit(nogil=True, cache=True)
+        self.norms = jit(_norms_py)
         self.bounds = jit(_bounds_py)
         self.scan = jit(_scan_py)
         self.accumulate = jit(_accumulate_py)
