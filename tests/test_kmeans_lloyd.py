@@ -139,7 +139,7 @@ def _tasks_per_iteration_constant(client, tree):
     per_it = [len({k for k in keys if f"-it{i}-" in k}) for i in range(50)]
     nb = km.history_.attrs["n_blocks"]
     assert nb == 8
-    assert per_it[1] == per_it[49] == 3 * nb + (1 if tree else 0)
+    assert per_it[1] == per_it[49] == 2 * nb + (1 if tree else 0)
     assert per_it == km.history_["n_tasks"].values.tolist()
     with dask.config.set(scheduler="threads"):  # same numbers without the cluster
         ref = KMeans(60, init="sample", tol=0, max_iter=3, random_state=0).fit(X)

@@ -5,7 +5,8 @@ Per iteration the driver submits the same tasks, whatever the iteration number:
 - ``nblocks`` fused E-step + partial M-step tasks (:func:`dkm._parallel.kernels.lloyd_step`,
   or :func:`dkm.kmeans._hamerly.hamerly_step` when pruned), each returning labels and per-row
   distances or bounds (kept on the worker for the next step) and ``(sums, counts, moved)``;
-- ``2 * nblocks`` tiny selector tasks and, for large partials, a tree reduction;
+- ``nblocks`` tiny tasks selecting the statistics and, for large partials, a tree reduction
+  (the labels are selected from the last iteration's steps only, when the fit ends);
 - one gather of a ``k x d`` float64 array to this process, which computes the new centroids.
 
 Centroids enter as one packed ``(d + 1) x k`` array, scattered to all workers when large.
@@ -193,13 +194,22 @@ class _EmptyHandler:
 @dataclass
 class _Pass:
     """One assignment pass: the shared packed centres, the per-block steps (they stay on
-    the workers for the next pass), their labels, and the reduced statistics."""
+    the workers for the next pass), and the reduced statistics."""
 
     packed: object
     steps: list
-    labels: list
     totals: tuple
     pruned: bool
+    backend: object
+    labels_key: str
+
+    @property
+    def labels(self) -> list:
+        """Per-block label handles, selected from the steps when a result needs them: only
+        the last pass's labels are ever used, so the iterations do not submit them."""
+        if not hasattr(self, "_labels"):
+            self._labels = self.backend.map(kernels.step_labels, self.steps, name=self.labels_key)
+        return self._labels
 
 
 def assign_pass(
@@ -266,12 +276,11 @@ def assign_pass(
             [tiles] * nb,
             name=keys(algorithm, phase, **counters),
         )
-    labels = be.map(kernels.step_labels, steps, name=keys(algorithm, "labels", **counters))
     stats = be.map(kernels.step_stats, steps, name=keys(algorithm, "stats", **counters))
     totals = be.reduce(
         stats, kernels.combine_stats, name=keys(algorithm, "reduce", **counters), nbytes=part_bytes
     )
-    return _Pass(packed_ref, steps, labels, totals, pruned)
+    return _Pass(packed_ref, steps, totals, pruned, be, keys(algorithm, "labels", **counters))
 
 
 def lloyd(
@@ -344,7 +353,7 @@ def lloyd(
     C = np.asarray(centers, dtype=dtype).astype(np.float64)
     k = C.shape[0]
     part_bytes = k * (blocks.d + 1) * 8
-    n_tasks = 3 * nb + blocks.backend.reduce_tasks(nb, part_bytes)
+    n_tasks = 2 * nb + blocks.backend.reduce_tasks(nb, part_bytes)
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
     prev: list = [None] * nb  # the previous pass's steps, kept on the workers
