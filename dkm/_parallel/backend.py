@@ -84,6 +84,17 @@ def memory_pause_fraction() -> float:
     return 1.0
 
 
+def subtract_in_place(block: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``block -= shift``; returns the same array (a task whose result is its input).
+
+    Centers a block that only the fit holds without making a second copy: on a worker the
+    result is the very array of the input, so the block is held once after the input's key
+    is released (``block - shift`` would hold it twice until then).
+    """
+    np.subtract(block, shift, out=block)
+    return block
+
+
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.0f} MB"
 
