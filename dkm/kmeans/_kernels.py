@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from dkm._parallel.kernels import Tiles, assign, center_block, load, pack_centers
+from dkm._parallel.kernels import (
+    Tiles,
+    accumulator,
+    assign,
+    center_block,
+    load,
+    pack_centers,
+)
 from dkm._parallel.random import row_uniforms
 
 
@@ -114,15 +121,45 @@ def round_block(step):
     return step[2]
 
 
-def candidate_weights(block, state, packed_last, offset: int, n_candidates: int, tiles: Tiles):
-    """Number of rows of the block nearest to each candidate (Bahmani et al. step 7).
+def candidate_weights(
+    block,
+    state,
+    packed_last,
+    offset: int,
+    n_candidates: int,
+    tiles: Tiles,
+    with_sums: bool = False,
+):
+    """Rows of the block nearest to each candidate (Bahmani et al. step 7), and their sums.
 
     The rounds already know every row's nearest candidate among all but the last round's
     candidates (``state``), so only those (``packed_last``, numbered from ``offset``) are
     measured here: the pass costs one round, not a distance to every candidate.
+
+    Returns ``(counts (n_candidates,) int64, sums)``: with ``with_sums`` the float64 sum of
+    the rows nearest to each candidate ``(n_candidates, d)``, else None. The sums give the
+    mean of each candidate's cell, which summarises the data far better than the candidate
+    row itself when the candidates are reclustered (see ``dkm.kmeans.init.recluster``).
     """
-    _, labels = nearest_update(load(block), state, packed_last, offset, tiles)
-    return np.bincount(labels, minlength=n_candidates).astype(np.int64)
+    x = load(block)
+    _, labels = nearest_update(x, state, packed_last, offset, tiles)
+    counts = np.bincount(labels, minlength=n_candidates).astype(np.int64)
+    if not with_sums:
+        return counts, None
+    sums = np.zeros((n_candidates, x.shape[1]), dtype=np.float64)
+    accumulator(tiles)(x, labels, sums)
+    return counts, sums
+
+
+def add_weights(*parts):
+    """Sum of :func:`candidate_weights` results (counts, and sums when present)."""
+    counts = parts[0][0].copy()
+    sums = None if parts[0][1] is None else parts[0][1].copy()
+    for c, s in parts[1:]:
+        counts += c
+        if sums is not None:
+            sums += s
+    return counts, sums
 
 
 def predict_chunk(

@@ -344,25 +344,14 @@ def kmeans_parallel_init(
         if r == rounds:
             break
     cand = np.concatenate(cands, axis=0)
-    # Weight each candidate by the rows nearest to it (Bahmani et al. step 7).
-    packed = be.share(kernels.pack_centers(new, blocks.dtype))
-    wf = be.map(
-        _kernels.candidate_weights,
-        blocks.handles,
-        state,
-        [packed] * nb,
-        [offset] * nb,
-        [len(cand)] * nb,
-        [tiles] * nb,
-        name=keys("kmeans||", "weights"),
-    )
+    weights, means = _candidate_weights(blocks, state, new, offset, len(cand), tiles, keys)
     del state
-    weights = be.reduce(
-        wf, kernels.add_arrays, name=keys("kmeans||", "reduce"), nbytes=8 * len(cand)
-    )
     passes += 1
     keep = weights > 0
     cand, weights = cand[keep], weights[keep]
+    if means is not None:
+        # Each candidate stands for the rows of its cell: their mean is where they are.
+        cand = means[keep] / weights[:, None]
     info = {"rounds": len(phis), "n_candidates": len(cand), "passes": passes, "phi": phis}
     if len(cand) < k:
         warnings.warn(
@@ -381,6 +370,38 @@ def kmeans_parallel_init(
     centers = cand if len(cand) == k else recluster(cand, weights, k, seed, blocks.dtype, iters)
     info["recluster_seconds"] = round(time.perf_counter() - t0, 4)
     return centers, info
+
+
+# Largest per-block array of cell sums (candidates x features, float64) the weights pass
+# returns; past it (wide rows and many candidates) the candidates are reclustered as they
+# are, without their cell means.
+_MEANS_MAX_BYTES = 64 * 2**20
+
+
+def _candidate_weights(blocks, state, last, offset, n_cand, tiles, keys):
+    """The weights pass: rows nearest to each candidate and, while small, their sums.
+
+    Returns ``(counts (n_cand,) float64, sums (n_cand, d) float64 or None)``.
+    """
+    be, nb = blocks.backend, blocks.nblocks
+    with_sums = n_cand * blocks.d * 8 <= _MEANS_MAX_BYTES
+    packed = be.share(kernels.pack_centers(last, blocks.dtype))
+    parts = be.map(
+        _kernels.candidate_weights,
+        blocks.handles,
+        state,
+        [packed] * nb,
+        [offset] * nb,
+        [n_cand] * nb,
+        [tiles] * nb,
+        [with_sums] * nb,
+        name=keys("kmeans||", "weights"),
+    )
+    nbytes = 8 * n_cand * (1 + (blocks.d if with_sums else 0))
+    counts, sums = be.reduce(
+        parts, _kernels.add_weights, name=keys("kmeans||", "reduce"), nbytes=nbytes
+    )
+    return counts.astype(np.float64), sums
 
 
 def recluster(
