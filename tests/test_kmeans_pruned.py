@@ -191,3 +191,21 @@ def test_pruned_lloyd_on_float64_data_with_large_offsets(threaded_client):
     X = X.astype(np.float64) + 1e4
     plain, pruned = _fit_pair(X, C0 + 1e4, tol=0, max_iter=80, dtype=np.float64)
     _assert_identical(plain, pruned)
+
+
+def test_auto_switches_between_plain_and_pruned_passes_and_stays_exact(threaded_client):
+    """Many centres in 3 dimensions: early pruned passes recompute most rows, so "auto" runs
+    plain passes for a while, then prunes again; the fit is still the plain one."""
+    X = np.random.default_rng(0).random((30_000, 3), dtype=np.float32)
+    C0 = X[:300].astype(np.float64)
+    plain = KMeans(300, init=C0, algorithm="lloyd", tol=0, max_iter=60).fit(X)
+    auto = KMeans(300, init=C0, algorithm="auto", tol=0, max_iter=60).fit(X)
+    assert auto.history_.attrs["assignment"] == "auto"
+    computed = auto.history_["n_computed"].values
+    assert computed[1] > 0.8 * len(X)  # a pruned pass that did not pay...
+    assert (computed[2:6] == len(X)).all()  # ...so four plain ones,
+    assert computed[-1] < 0.2 * len(X)  # and pruned ones again once the rows settle
+    assert plain.n_iter_ == auto.n_iter_
+    np.testing.assert_array_equal(plain.cluster_centers_, auto.cluster_centers_)
+    np.testing.assert_array_equal(np.asarray(plain.labels_), np.asarray(auto.labels_))
+    np.testing.assert_array_equal(plain.history_["inertia"], auto.history_["inertia"])

@@ -270,7 +270,10 @@ class KMeans(_KMeansBase):
         skips the rows that cannot change centre, computing distances only for the rest.
         Both give the same labels, centres and history to the last bit (a row is skipped
         only when its bounds clear the float rounding of the distances); "hamerly" is
-        faster once most rows have settled. "auto" picks "hamerly".
+        faster once most rows have settled, slower while most rows still move near
+        boundaries (many centres in few dimensions). "auto" prunes while the bounds keep
+        at least a fifth of the rows and runs plain iterations otherwise, trying again
+        after 4, 8, 16... of them.
     init : {"k-means||", "k-means++", "random", "sample", "uniform"} or array of shape (k, d)
         "k-means||": Bahmani et al. scalable k-means++ (``init_max_iter`` rounds of
         ``oversampling_factor * k`` samples, weighted reclustering), chunking independent.
@@ -392,12 +395,6 @@ default "farthest"
         self.persist = persist
         self.variable = variable
         self.verbose = verbose
-
-    def _assignment(self) -> str:
-        """How the iterations assign rows: ``algorithm``, with "auto" resolved."""
-        if self.algorithm != "auto":
-            return self.algorithm
-        return "hamerly"
 
     def _n_init(self) -> int:
         if not isinstance(self.init, str):
@@ -523,7 +520,7 @@ default "farthest"
                 verbose=self.verbose,
                 start=start,
                 value_range=value_range,
-                assignment=self._assignment(),
+                assignment=self.algorithm,
                 callback=None
                 if callback is None
                 else _state_reporter(callback, run, seed, info, best),
@@ -557,7 +554,7 @@ default "farthest"
                 "algorithm": "lloyd",
                 "init": self.init if isinstance(self.init, str) else "array",
                 "empty_cluster": self.empty_cluster,
-                "assignment": self._assignment(),
+                "assignment": self.algorithm,
                 "converged": best.converged,
                 "tol_abs": best.tol_abs,
                 "best_start": best.start,
