@@ -500,8 +500,33 @@ def _numba_accumulate():
 # --------------------------------------------------------------------------------------------
 
 
+def assign_sums(x: np.ndarray, packed: np.ndarray, tiles: Tiles):
+    """Nearest centre, squared distance and per-cluster float64 sums and counts, in one pass.
+
+    :func:`fused_pass` where numba runs (see :func:`accumulator`), its numpy twin elsewhere:
+    the same labels and sums to the last bit. Returns ``(labels int32, d2, sums (k, d),
+    counts (k,) int64)``.
+    """
+    k = packed.shape[1]
+    n, d = x.shape
+    labels = np.empty(n, dtype=np.int32)
+    d2 = np.empty(n, dtype=np.result_type(x.dtype, packed.dtype))
+    sums = np.zeros((k, d), dtype=np.float64)
+    if _use_numba(tiles):
+        counts = np.zeros(k, dtype=np.int64)
+        fused_pass(x, packed, tiles, labels, d2=d2, sums=sums, counts=counts)
+        return labels, d2, sums, counts
+    acc = NumpyAccumulator()
+    step = max(64, min(tiles.rows(k, x.itemsize), tiles.x_tile_bytes // max(1, d * x.itemsize)))
+    for s, m, xt, dist, lab in nearest_tiles(x, packed, step):
+        labels[s : s + m] = lab
+        d2[s : s + m] = np.maximum(dist[np.arange(m), lab] + np.einsum("ij,ij->i", xt, xt), 0)
+        acc(xt, labels[s : s + m], sums)
+    return labels, d2, sums, np.bincount(labels, minlength=k).astype(np.int64)
+
+
 def lloyd_step(block, packed: np.ndarray, prev, tiles: Tiles):
-    """E-step and partial M-step on one block, in one pass (:func:`fused_pass`).
+    """E-step and partial M-step on one block, in one pass (:func:`assign_sums`).
 
     ``prev`` is this block's previous step (or None): its labels give the moved-points
     count. Returns ``(labels, d2, stats)`` where ``stats = (sums (k, d) float64, counts (k,)
@@ -511,27 +536,9 @@ def lloyd_step(block, packed: np.ndarray, prev, tiles: Tiles):
     empty-cluster policy picks its rows from the distances (:func:`farthest_from_step`)
     instead of another distance pass.
     """
-    x = load(block)
-    k = packed.shape[1]
-    n, d = x.shape
-    labels = np.empty(n, dtype=np.int32)
-    d2 = np.empty(n, dtype=np.result_type(x.dtype, packed.dtype))
-    sums = np.zeros((k, d), dtype=np.float64)
-    if _use_numba(tiles):
-        counts = np.zeros(k, dtype=np.int64)
-        fused_pass(x, packed, tiles, labels, d2=d2, sums=sums, counts=counts)
-    else:
-        acc = NumpyAccumulator()
-        step = max(
-            64, min(tiles.rows(k, x.itemsize), tiles.x_tile_bytes // max(1, d * x.itemsize))
-        )
-        for s, m, xt, dist, lab in nearest_tiles(x, packed, step):
-            labels[s : s + m] = lab
-            d2[s : s + m] = np.maximum(dist[np.arange(m), lab] + np.einsum("ij,ij->i", xt, xt), 0)
-            acc(xt, labels[s : s + m], sums)
-        counts = np.bincount(labels, minlength=k).astype(np.int64)
+    labels, d2, sums, counts = assign_sums(load(block), packed, tiles)
     moved = len(labels) if prev is None else int(np.count_nonzero(labels != prev[0]))
-    return labels, d2, (sums, counts, moved, n)
+    return labels, d2, (sums, counts, moved, len(labels))
 
 
 def step_stats(step):

@@ -52,11 +52,10 @@ def minibatch_step(
 
     Returns the batch inertia (for the old centers) and the number of reassigned centers.
     """
-    k = centers.shape[0]
-    labels, d2 = kernels.assign(batch, kernels.pack_centers(centers, dtype), tiles or Tiles())
+    packed = kernels.pack_centers(centers, dtype)
+    _, d2, sums, cnt = kernels.assign_sums(batch, packed, tiles or Tiles())
     inertia = float(d2.astype(np.float64).sum())
-    sums = kernels.cluster_sums(batch, labels, k)
-    cnt = np.bincount(labels, minlength=k).astype(np.float64)
+    cnt = cnt.astype(np.float64)
     hit = cnt > 0
     new_counts = counts[hit] + cnt[hit]
     centers[hit] = (centers[hit] * counts[hit, None] + sums[hit]) / new_counts[:, None]
