@@ -1,16 +1,159 @@
-"""Memory of the blocks: centering does not copy the blocks."""
+"""Memory of the blocks: the persist rule keeps workers below Dask's pause threshold, and
+centering does not copy the blocks.
+
+The persist test runs a real 2-process cluster with small workers and a dkm store in 32 MiB
+Zarr chunks sized from the rule itself: just under the rule's limit the store is persisted
+and every worker's peak RSS (VmHWM, reset before the fit) stays below the pause threshold;
+just over it, the store is streamed.
+"""
 
 from __future__ import annotations
 
+import logging
 import tracemalloc
+from pathlib import Path
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
+import xarray as xr
+from distributed import Client, LocalCluster
 
+from dkm._parallel import blocks as B
+from dkm._parallel import kernels
+from dkm._parallel.backend import WorkerMemory, get_backend, memory_pause_fraction
+from dkm.data.store import write_atomic
 from dkm.kmeans.estimators import KMeans
 
-D, K = 32, 8
+LIMIT = 400_000_000
+D, K, SEED = 32, 8, 3
+CHUNK_ROWS = 262_144  # 32 MiB chunks: reading one holds it decoded and compressed
+
+
+def _blob_rows(block_info=None) -> np.ndarray:
+    (r0, r1), _ = block_info[None]["array-location"]
+    rng = np.random.default_rng([SEED, r0])
+    centers = np.random.default_rng(SEED).uniform(-4, 4, (K, D)).astype(np.float32)
+    return centers[rng.integers(0, K, r1 - r0)] + rng.standard_normal((r1 - r0, D), np.float32)
+
+
+def _write(path, n: int) -> str:
+    """A dkm feature store of ``n`` rows, written chunk by chunk in this process."""
+    chunks = (tuple(min(CHUNK_ROWS, n - a) for a in range(0, n, CHUNK_ROWS)), (D,))
+    x = da.map_blocks(_blob_rows, dtype=np.float32, chunks=chunks)
+    ds = xr.Dataset({"x": (("sample", "feature"), x)})
+    with dask.config.set(scheduler="threads"):
+        write_atomic(ds, path, kind="features", encoding={"x": {"chunks": (CHUNK_ROWS, D)}})
+    return str(path)
+
+
+def _rule(path: str, backend) -> int:
+    """The rule's limit for the store: the most bytes the workers can hold persisted."""
+    source = B.as_source(path)
+    workers = backend.worker_memory()
+    limit, _ = B.block_limit(source, workers, True)
+    splits = B._splits(source, backend, limit, False)
+    largest = max(b - a for a, b in splits) * D * 4
+    return B.persist_limit(source, workers, largest)[0]
+
+
+def _reset_peaks(client) -> None:
+    def reset() -> None:  # made here so that it is pickled by value (see _peaks)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    client.run(reset)
+
+
+def _peaks(client) -> dict[str, int]:
+    """Each worker's peak RSS since the last reset, by a function pickled by value: a worker
+    importing this module (xarray, dask.array) would grow by ~150 MB."""
+
+    def vm_hwm() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/self/status")
+
+    return client.run(vm_hwm)
+
+
+@pytest.mark.timeout(120)
+def test_persisted_near_the_limit_stays_below_pause_and_more_is_streamed(tmp_path):
+    with (
+        # The workers' plan bounds the data, not the share of their free memory.
+        dask.config.set({"dkm.blocks.persist-fraction": 1.0}),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            memory_limit=LIMIT,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        backend = get_backend(client)
+        # The limit depends on the block size, which depends on the rows: probe, then size.
+        probe = _rule(_write(tmp_path / "probe.zarr", CHUNK_ROWS), backend)
+        near = _write(tmp_path / "near.zarr", int(0.95 * probe) // (4 * D))
+        most = _rule(near, backend)
+        assert 0.9 * most < B._nbytes(B.as_source(near)) <= most
+        _reset_peaks(client)
+        # Plain Lloyd: the rule counts its kernels' memory (kernels.ROW_WORK_BYTES).
+        km = KMeans(K, max_iter=4, tol=0, random_state=0, algorithm="lloyd").fit(near)
+        peaks = _peaks(client)
+        assert km.history_.attrs["streamed"] == 0
+        assert not client.get_events("worker-restart-memory")
+        pause = memory_pause_fraction() * LIMIT
+        assert all(p < pause for p in peaks.values()), {a: p / LIMIT for a, p in peaks.items()}
+
+        over = _write(tmp_path / "over.zarr", int(1.05 * most) // (4 * D))
+        assert B.load_blocks(B.as_source(over), backend).streamed
+
+
+# ---------------------------------------------------------------------- the rule's terms
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return _write(Path(tmp_path_factory.mktemp("rule")) / "x.zarr", 4096)
+
+
+def _worker(address: str, unmanaged_mb: float, limit_mb: float = 1000) -> WorkerMemory:
+    return WorkerMemory(address, 1, int(limit_mb * 1e6), int(unmanaged_mb * 1e6))
+
+
+def test_the_rule_counts_copies_reads_state_and_what_is_held(store):
+    source = B.as_source(store)
+    workers = [_worker("a", 100), _worker("b", 100)]
+    block = 8 * 2**20
+    with dask.config.set({"dkm.blocks.persist-fraction": 1.0}):
+        one, _ = B.persist_limit(source, workers, block)
+        two, _ = B.persist_limit(source, workers, block, copies=2)
+        held, _ = B.persist_limit(source, workers, block, resident=100_000_000)
+        busy, why = B.persist_limit(source, [_worker("a", 100), _worker("b", 300)], block)
+    # Per worker: 70% of 1000 MB less 100 MB in use and one block, then a 32 MiB chunk read
+    # twice (decoded and compressed); or the kernels' per-row vectors and tiles, and the
+    # per-row state beside every row of data.
+    room = 0.7e9 - 100e6 - block
+    reading = room - 2 * CHUNK_ROWS * D * 4
+    work = block // (D * 4) * kernels.ROW_WORK_BYTES + kernels.task_fixed_bytes(kernels.Tiles())
+    per_byte = 1 + kernels.ROW_STATE_BYTES / (D * 4)
+    fitting = (room - work) / per_byte
+    assert one == int(2 * min(reading, fitting))
+    assert 0.45 * one < two < 0.55 * one  # the raw blocks kept beside the centered ones
+    assert one - 100e6 - 2 <= held <= one - 100e6 / per_byte + 2  # spread like the data
+    assert busy < one and "worker b" in why and "300 MB in use" in why
+    # The share of the free memory (persist-fraction) stays an upper bound.
+    with dask.config.set({"dkm.blocks.persist-fraction": 0.1}):
+        assert B.persist_limit(source, workers, block)[0] == int(0.1 * 2 * (0.8e9 - 100e6))
+
+
+# ----------------------------------------------------------------------------- centering
 
 
 @pytest.mark.parametrize("init", ["k-means||", "random"])

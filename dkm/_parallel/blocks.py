@@ -8,8 +8,15 @@ Rules (also in the estimators' docstrings):
   boolean inputs are cast to ``dtype`` as values (no scaling: uint8 pixels stay 0..255; use
   ``dkm.extract_patches`` for [0, 1] patches). Other dtypes (complex, object, strings) raise.
 - NaN/inf rows are counted in the first pass and the fit fails naming how many rows.
-- Data is persisted on the cluster once when it fits in half of the cluster memory; a Zarr
-  input that does not fit is streamed from the store every iteration instead.
+- Data is persisted on the cluster once when it fits; a Zarr input that does not is
+  streamed from the store every iteration instead. On workers with a memory limit "fits"
+  means that every worker's planned peak -- its share of the blocks, a Zarr chunk being
+  read, the per-row state and the kernels' working memory -- stays
+  ``dkm.blocks.pause-margin`` of its limit below Dask's pause threshold
+  (:func:`persist_limit`), and the data is at most ``dkm.blocks.persist-fraction`` of
+  what the workers leave free below it.
+- The blocks of a numpy input and the rows a fit decoded from a store are its own: they are
+  centered in place (:func:`center_stats`), never beside a centered copy.
 - Blocks follow the source chunks, but a matrix in fewer chunks than two per worker thread
   (e.g. a patch store in one Zarr chunk) is cut into at least two blocks per thread, rows in
   the same order, spread over the workers by their threads.
@@ -213,22 +220,94 @@ def as_source(X: Any, dtype=np.float32, variable: str | None = None) -> Source:
     return Source(X, dtype, store=store if store else None, variable=variable)
 
 
-def _fits(backend: Backend, nbytes: int, workers: list[WorkerMemory] | None = None) -> bool:
+def _fits(
+    source: Source,
+    backend: Backend,
+    workers: list[WorkerMemory] | None,
+    block_bytes: int,
+    resident: int = 0,
+) -> tuple[bool, str]:
+    """Whether the data may be persisted, and if not why (see :func:`persist_limit`)."""
+    nbytes = _nbytes(source)
     fraction = float(config.get("blocks.persist-fraction"))
     if backend.is_distributed:
         if workers and all(w.limit for w in workers):
-            # What the workers have left below their pause threshold, not the bare limits:
-            # a worker process holds 70-200 MB before it stores any data.
-            pause = memory_pause_fraction()
-            free = sum(max(0, pause * w.limit - w.unmanaged) for w in workers)
-            return nbytes <= fraction * free
-        return backend.memory == 0 or nbytes <= fraction * backend.memory
+            limit, why = persist_limit(source, workers, block_bytes, resident=resident)
+            return nbytes <= limit, why
+        ok = backend.memory == 0 or nbytes <= fraction * backend.memory
+        return ok, f"over {fraction:g} of the cluster's memory"
     try:
         import psutil
 
-        return nbytes <= fraction * psutil.virtual_memory().available
+        ok = nbytes <= fraction * psutil.virtual_memory().available
+        return ok, f"over {fraction:g} of the available memory"
     except ImportError:  # pragma: no cover
-        return True
+        return True, ""
+
+
+def _nbytes(source: Source) -> int:
+    n, d = source.shape
+    return n * d * source.dtype.itemsize
+
+
+def persist_limit(
+    source: Source,
+    workers: list[WorkerMemory],
+    block_bytes: int,
+    copies: int = 1,
+    resident: int = 0,
+) -> tuple[int, str]:
+    """The most bytes of data the workers can hold persisted, and the worker that bounds it.
+
+    Dask pauses a worker at ``pause`` (``distributed.worker.memory.pause``) of its memory
+    limit ``L``; the planned peak of every worker stays ``dkm.blocks.pause-margin * L``
+    below it (the margin is for what no plan sees: allocator fragmentation, the worker's
+    own buffers, a spike between two memory samples). A worker with ``T`` of the cluster's
+    threads holds that share of the data (``S``), plus up to one block (``B``) as the
+    blocks are spread, beside ``U``, what its process used before the fit. Its peak is
+    the larger of:
+
+    - reading: ``U + S + B + T * read``: the last blocks are read while the others are
+      held, each read decoding a whole Zarr chunk beside its compressed bytes;
+    - fitting: ``U + copies * (S + B) + rows(S) * kernels.ROW_STATE_BYTES + T * work``:
+      the centered blocks (``copies = 2`` when the raw blocks are kept for the next fit,
+      see :class:`BlockCache`), the per-row state kept between tasks (labels, k-means||
+      distances) and each task's per-row vectors and tiles (``kernels.ROW_WORK_BYTES``,
+      :func:`kernels.task_fixed_bytes`).
+
+    ``resident`` bytes already held on the workers (blocks cached for other stores) are
+    spread like the data. The result is also at most ``dkm.blocks.persist-fraction`` of
+    what the workers leave free below the pause threshold.
+
+    Measured on 2 x 500 MB workers (64 MiB Zarr chunks) before this rule: data at half of
+    the free memory peaked at 81% of the limit while the last blocks were read.
+    """
+    limited = [w for w in workers if w.limit]
+    task = _task_memory(source, from_zarr=True)
+    pause = memory_pause_fraction()
+    margin = config.get_fraction("blocks.pause-margin")
+    fraction = float(config.get("blocks.persist-fraction"))
+    threads = sum(w.nthreads for w in workers) or 1
+    block_rows = block_bytes // task.data_row
+    work = block_rows * task.work_row + task.tiles
+    # Bytes of the fit per byte of data: the blocks and their per-row state.
+    per_byte = copies + kernels.ROW_STATE_BYTES / task.data_row
+    free = sum(max(0.0, pause * w.limit - w.unmanaged) for w in limited)
+    best, why = fraction * free, f"{fraction:g} of the workers' memory below the pause threshold"
+    for w in limited:
+        share = w.nthreads / threads
+        room = (pause - margin) * w.limit - w.unmanaged - share * resident
+        reading = (room - block_bytes - w.nthreads * task.read) / share
+        fitting = (room - copies * block_bytes - w.nthreads * work) / (share * per_byte)
+        most = max(0.0, min(reading, fitting))
+        if most < best:
+            best = most
+            why = (
+                f"worker {w.address}: memory limit {w.limit / 1e6:.0f} MB, "
+                f"{w.unmanaged / 1e6:.0f} MB in use, {w.nthreads} thread(s), planned "
+                f"{margin:.0%} of the limit below Dask's pause at {pause:.0%}"
+            )
+    return int(best), why
 
 
 def _row_splits(
@@ -279,6 +358,23 @@ def _row_splits(
         edges = np.linspace(a, b, pieces + 1).astype(int)
         out.extend(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
     return out
+
+
+def _splits(
+    source: Source, backend: Backend, limit: int | None, stream: bool
+) -> list[tuple[int, int]]:
+    """Row ranges of the blocks, at most ``limit`` bytes each (see :func:`_row_splits`)."""
+    n, d = source.shape
+    per_row = d * source.dtype.itemsize
+    arr = source.array
+    if isinstance(arr, np.ndarray):
+        return _split_numpy(n, per_row, backend.nthreads, limit)
+    min_rows = min(n, MIN_BLOCK_ROWS)
+    if stream:
+        # Every pass decodes the chunks of a streamed block: a quarter chunk at least.
+        chunk_rows, _ = _zarr_chunk(source.store, source.variable)
+        min_rows = max(min_rows, -(-chunk_rows // MAX_READ_AMPLIFICATION))
+    return _row_splits(arr.chunks[0], per_row, backend.nthreads, limit, limit, min_rows)
 
 
 def _split_numpy(
@@ -441,29 +537,29 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
     dtype = source.dtype
     per_row = d * dtype.itemsize
     nbytes = n * per_row
+    if persist is False and source.store is None:
+        raise ValueError("persist=False (streaming) needs a Zarr path as input")
     workers = None
     if backend.is_distributed and backend.memory:
         workers = backend.worker_memory()
-    stream = False
-    if persist == "auto":
-        stream = source.store is not None and not _fits(backend, nbytes, workers)
-    elif not persist:
-        if source.store is None:
-            raise ValueError("persist=False (streaming) needs a Zarr path as input")
-        stream = True
-
+    # Workers are only measured on a cluster, where a store is read by ZarrRows tasks.
+    limit, why = block_limit(source, workers, source.store is not None) if workers else (None, "")
+    stream = persist is False
+    splits = _splits(source, backend, limit, stream)
+    largest = max(b - a for a, b in splits) * per_row
+    if persist == "auto" and source.store is not None:
+        fits, over = _fits(source, backend, workers, largest, BLOCK_CACHE.held(backend, source))
+        if not fits:
+            log.info(
+                "streaming %s from the store every pass: its %.0f MB are %s",
+                source.store,
+                nbytes / 1e6,
+                over,
+            )
+            stream = True
+            splits = _splits(source, backend, limit, stream)
     from_zarr = source.store is not None and (stream or backend.is_distributed)
-    limit, why = block_limit(source, workers, from_zarr) if workers else (None, "")
     arr = source.array
-    if isinstance(arr, np.ndarray):
-        splits = _split_numpy(n, per_row, backend.nthreads, limit)
-    else:
-        min_rows = min(n, MIN_BLOCK_ROWS)
-        if stream:
-            # Every pass decodes the chunks of a streamed block: a quarter chunk at least.
-            chunk_rows, _ = _zarr_chunk(source.store, source.variable)
-            min_rows = max(min_rows, -(-chunk_rows // MAX_READ_AMPLIFICATION))
-        splits = _row_splits(arr.chunks[0], per_row, backend.nthreads, limit, limit, min_rows)
     if limit is not None and limit < config.get_bytes("blocks.target-bytes"):
         log.debug(
             "blocks of at most %.1f MiB (%d blocks) for the memory limit: %s",
@@ -492,8 +588,10 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
         ]
         if not stream:
             handles = backend.load_spread(handles, sizes.tolist(), Keys.new())
+            # Kept raw beside the centered blocks only when both fit below the pause.
+            most = persist_limit(source, workers, largest, copies=2)[0] if workers else None
             kept = backend.is_distributed and BLOCK_CACHE.store(
-                backend, source, splits, handles, workers
+                backend, source, splits, handles, workers, most
             )
             private = not kept
     elif isinstance(arr, np.ndarray):
@@ -612,13 +710,18 @@ class BlockCache:
         splits: list,
         handles: list,
         workers: list[WorkerMemory] | None,
+        most: float | None = None,
     ) -> bool:
-        """Keep freshly loaded blocks for the next fit if the budget allows; True if kept."""
+        """Keep freshly loaded blocks for the next fit if the budget allows; True if kept.
+
+        ``most``: bytes of data the workers can hold twice, raw here and centered by the fit
+        (:func:`persist_limit` with ``copies=2``); larger data is not kept.
+        """
         key = _cache_key(source)
         if key is None:
             return False
-        nbytes = source.shape[0] * source.shape[1] * source.dtype.itemsize
-        budget = _cache_budget(backend, workers)
+        nbytes = _nbytes(source)
+        budget = min(_cache_budget(backend, workers), math.inf if most is None else most)
         with self._lock:
             self._purge()
             client = backend.client
@@ -635,6 +738,18 @@ class BlockCache:
                 mine.entries.pop(next(iter(mine.entries)))
             mine.entries[key] = _Entry(list(splits), list(handles), nbytes)
             return True
+
+    def held(self, backend: Backend, source: Source) -> int:
+        """Bytes this cache holds on ``backend``'s workers for stores other than ``source``."""
+        if not backend.is_distributed:
+            return 0
+        key = _cache_key(source)
+        with self._lock:
+            self._purge()
+            mine = self._clients.get(id(backend.client))
+            if mine is None:
+                return 0
+            return sum(e.nbytes for k, e in mine.entries.items() if k != key)
 
     def info(self, client=None) -> dict:
         """``{"hits", "misses", "entries", "nbytes"}``; entries and bytes of one client
