@@ -53,6 +53,9 @@ log = logging.getLogger("dkm")
 
 INIT_METHODS = ("k-means||", "k-means++", "random", "sample", "uniform")
 
+# k-means|| candidates per round, in units of k (see kmeans_parallel_init).
+DEFAULT_OVERSAMPLING = 0.5
+
 
 def check_init_array(init: Any, n_clusters: int, n_features: int) -> np.ndarray:
     """An explicit initial centroid array as float64, after shape and finiteness checks."""
@@ -202,7 +205,7 @@ def initialize(
     *,
     center_blocks: bool = False,
     init_size: int | None = None,
-    oversampling_factor: float = 2.0,
+    oversampling_factor: float = DEFAULT_OVERSAMPLING,
     rounds: int | None = None,
     value_range: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, dict]:
@@ -271,7 +274,7 @@ def kmeans_parallel_init(
     blocks: Blocks,
     k: int,
     seed: int,
-    oversampling_factor: float = 2.0,
+    oversampling_factor: float = DEFAULT_OVERSAMPLING,
     max_iter: int | None = None,
     keys: Keys | None = None,
     center: bool = False,
@@ -283,9 +286,18 @@ def kmeans_parallel_init(
     the number of rows nearest to them. Each row's nearest candidate so far and its squared
     distance stay on the workers between passes, so every pass measures only the candidates
     added by the previous round (a pass over all the candidates would cost as much as all the
-    rounds together). The weighted candidates are then reduced to ``k`` centres in this
-    process (:func:`recluster`). With ``center=True`` the first round also centers the
-    blocks on the data mean.
+    rounds together). With ``center=True`` the first round also centers the blocks on the
+    data mean.
+
+    The passes cost about ``rounds * oversampling_factor`` Lloyd iterations (a distance
+    from every row to every candidate), which is why the default factor is 0.5, not the
+    2 of the paper: the weights pass also sums the rows of each candidate's cell, and the
+    candidates are reclustered (:func:`recluster`, in this process) as those cell means.
+    The means summarise the data far better than the sampled rows, so a quarter of the
+    candidates give an initialisation as good. Measured on the 180k mnist-5k 5x5
+    patches, k = 4096: factor 2 (39k candidates, reclustered as rows) initial inertia
+    11134; factor 0.5 (9.9k candidates) 13452 as rows, 11488 as cell means; scikit-learn's
+    k-means++ 13790.
 
     Returns the centres and a dict with ``rounds``, ``n_candidates``, ``passes``,
     ``phi`` (cost after each round) and ``recluster_seconds``.
@@ -570,7 +582,7 @@ def kmeans_parallel(
     X: Any,
     n_clusters: int,
     *,
-    oversampling_factor: float = 2.0,
+    oversampling_factor: float = DEFAULT_OVERSAMPLING,
     init_max_iter: int | None = None,
     random_state: int | None = None,
     dtype=np.float32,
@@ -585,7 +597,7 @@ def kmeans_parallel(
         Feature matrix ``(sample, feature)``; a path opens a Zarr store.
     n_clusters : int
         Number of centroids.
-    oversampling_factor : float, default 2
+    oversampling_factor : float, default 0.5
         Candidates sampled per round, in units of ``n_clusters`` (``ell = factor * k``).
     init_max_iter : int, optional
         Number of sampling rounds (default 5, as in Bahmani et al.).
