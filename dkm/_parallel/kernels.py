@@ -59,10 +59,10 @@ class Tiles:
 # statistics pass hold a float64 copy of one x tile).
 ROW_WORK_BYTES = 64
 # Per row kept on the workers between tasks while a fit runs, whatever the block size: the
-# last two Lloyd passes' labels and squared distances (int32 + float32 each) or the pruned
-# Lloyd's labels, two float32 bounds and the row norm (previous and current: 28 bytes, the
-# norm is shared), or the running minimum of k-means|| (float64, previous and current).
-ROW_STATE_BYTES = 28
+# last two Lloyd passes' labels and squared distances (int32 + float32 each), or the pruned
+# Lloyd's labels, two float32 bounds and the row norm (updated in place) and the rows it
+# recomputes (int32), or the running minimum of k-means|| (float64, previous and current).
+ROW_STATE_BYTES = 20
 
 
 def task_fixed_bytes(tiles: Tiles) -> int:

@@ -22,6 +22,9 @@ import numpy as np
 
 from dkm._parallel.kernels import Tiles, fused_pass, load
 
+# Rows recomputed per gather: bounds the copy of the rows the bounds could not keep.
+_RECOMPUTE_ROWS = 65536
+
 # Relative slack on stored bounds: they are kept in float32 (4 bytes per row each), rounded
 # outwards by more than float32's half ulp.
 _SLACK = 1e-6
@@ -99,8 +102,9 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
     packed : ndarray (d + 1, k)
         :func:`dkm._parallel.kernels.pack_centers` of the current centres.
     prev : tuple or None
-        This block's previous step ``(labels, (upper, lower, norms), stats)``, or None (every row
-        is computed, and bounds are set up).
+        This block's previous step ``(labels, (upper, lower, norms), stats)``, or None (every
+        row is computed, and bounds are set up). Its arrays are updated in place and
+        returned: they are the block's state, which only the next step reads.
     motion : ndarray
         :func:`centre_motion` from the previous centres to the current ones.
     tiles : Tiles
@@ -132,11 +136,13 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
         moved = n if prev is None else int(np.count_nonzero(labels != prev[0]))
         return labels, (upper, lower, norms), (sums, counts, moved, n)
 
-    old = prev[0]
-    labels = old.copy()
-    upper, lower, norms = prev[1][0].copy(), prev[1][1].copy(), prev[1][2]
+    # The previous step's arrays are this block's state and nothing else reads them once
+    # this step runs: they are updated in place, so the state costs 16 bytes per row, not
+    # twice that while a step runs.
+    labels = prev[0]
+    upper, lower, norms = prev[1]
     centers = packed[:-1].T.astype(np.float64) * -0.5  # exact: -2 c was exact
-    todo = np.empty(n, dtype=np.int64)
+    todo = np.empty(n, dtype=np.int32)
     m = _kernels().scan(
         x,
         norms,
@@ -154,19 +160,21 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
         centers,
         todo,
     )
-    if m:
-        rows = todo[:m]
+    moved = 0
+    for a in range(0, m, _RECOMPUTE_ROWS):
+        rows = todo[a : min(m, a + _RECOMPUTE_ROWS)]
         xs = x[rows]
-        lab = np.empty(m, dtype=np.int32)
-        d2 = np.empty(m, dtype=x.dtype)
-        second = np.empty(m, dtype=x.dtype)
+        lab = np.empty(len(rows), dtype=np.int32)
+        d2 = np.empty(len(rows), dtype=x.dtype)
+        second = np.empty(len(rows), dtype=x.dtype)
         fused_pass(xs, packed, tiles, lab, d2=d2, second=second)
-        up, lo = np.empty(m, np.float32), np.empty(m, np.float32)
+        moved += int(np.count_nonzero(lab != labels[rows]))  # skipped rows cannot move
+        labels[rows] = lab
+        up, lo = np.empty(len(rows), np.float32), np.empty(len(rows), np.float32)
         _kernels().bounds(norms[rows], d2, second, eps, cmax, _SLACK, up, lo)
-        labels[rows], upper[rows], lower[rows] = lab, up, lo
+        upper[rows], lower[rows] = up, lo
     _kernels().accumulate(x, labels, sums)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
-    moved = int(np.count_nonzero(labels != old))
     return labels, (upper, lower, norms), (sums, counts, moved, m)
 
 
