@@ -369,3 +369,20 @@ def test_candidate_weights_count_and_sum_each_cell():
     counts_only, none = candidate_weights(x, None, pack_centers(cand, np.float32), 0, 70, tiles)
     assert none is None
     np.testing.assert_array_equal(counts_only, counts)
+
+
+def test_kmeans_parallel_without_cell_means(threaded_client, monkeypatch):
+    """Past ``_MEANS_MAX_BYTES`` of cell sums (wide rows, many candidates) the candidates are
+    reclustered as the sampled rows: still k distinct centres, reproducible, and the cell
+    means (the default) are the better summary."""
+    import dkm.kmeans.init as init
+
+    X, _ = make_blobs(20_000, n_features=8, centers=400, cluster_std=1.0, random_state=0)
+    X = X.astype(np.float32)
+    means, _ = kmeans_parallel(X, 128, random_state=1)
+    monkeypatch.setattr(init, "_MEANS_MAX_BYTES", 0)
+    rows, info = kmeans_parallel(X, 128, random_state=1)
+    np.testing.assert_array_equal(rows, kmeans_parallel(X, 128, random_state=1)[0])
+    assert rows.shape == (128, 8) and len(np.unique(rows, axis=0)) == 128
+    assert info["n_candidates"] > 128
+    assert _inertia(X, means) < _inertia(X, rows)
