@@ -3,8 +3,9 @@ centering does not copy the blocks.
 
 The persist test runs a real 2-process cluster with small workers and a dkm store in 32 MiB
 Zarr chunks sized from the rule itself: just under the rule's limit the store is persisted
-and every worker's peak RSS (VmHWM, reset before the fit) stays below the pause threshold;
-just over it, the store is streamed.
+and every worker's peak RSS (VmHWM, reset before the fit) stays below Dask's spill and pause
+thresholds; just over it, the store is streamed. A streamed store keeps what fits of it in
+worker memory and fits as if it were all persisted.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from distributed import Client, LocalCluster
 
 from dkm._parallel import blocks as B
 from dkm._parallel import kernels
-from dkm._parallel.backend import WorkerMemory, get_backend, memory_pause_fraction
+from dkm._parallel.backend import (
+    WorkerMemory,
+    get_backend,
+    memory_pause_fraction,
+    memory_spill_fraction,
+)
 from dkm.data.store import write_atomic
 from dkm.kmeans.estimators import KMeans
 
@@ -108,8 +114,9 @@ def test_persisted_near_the_limit_stays_below_pause_and_more_is_streamed(tmp_pat
         peaks = _peaks(client)
         assert km.history_.attrs["streamed"] == 0
         assert not client.get_events("worker-restart-memory")
-        pause = memory_pause_fraction() * LIMIT
-        assert all(p < pause for p in peaks.values()), {a: p / LIMIT for a, p in peaks.items()}
+        # Below the spill threshold (70%), so below the pause (80%) too.
+        spill = memory_spill_fraction() * LIMIT
+        assert all(p < spill for p in peaks.values()), {a: p / LIMIT for a, p in peaks.items()}
 
         over = _write(tmp_path / "over.zarr", int(1.05 * most) // (4 * D))
         assert B.load_blocks(B.as_source(over), backend).streamed
@@ -136,10 +143,10 @@ def test_the_rule_counts_copies_reads_state_and_what_is_held(store):
         two, _ = B.persist_limit(source, workers, block, copies=2)
         held, _ = B.persist_limit(source, workers, block, resident=100_000_000)
         busy, why = B.persist_limit(source, [_worker("a", 100), _worker("b", 300)], block)
-    # Per worker: 70% of 1000 MB less 100 MB in use and one block, then a 32 MiB chunk read
-    # twice (decoded and compressed); or the kernels' per-row vectors and tiles, and the
-    # per-row state beside every row of data.
-    room = 0.7e9 - 100e6 - block
+    # Per worker: 60% of 1000 MB (Dask spills at 70%, less the margin), less 100 MB in use
+    # and one block; then a 32 MiB chunk read twice (decoded and compressed), or the
+    # kernels' per-row vectors and tiles and the per-row state beside every row of data.
+    room = 0.6e9 - 100e6 - block
     reading = room - 2 * CHUNK_ROWS * D * 4
     work = block // (D * 4) * kernels.ROW_WORK_BYTES + kernels.task_fixed_bytes(kernels.Tiles())
     per_byte = 1 + kernels.ROW_STATE_BYTES / (D * 4)
@@ -177,3 +184,55 @@ def test_threaded_fit_centers_its_copy_of_the_data_in_place(init):
     np.testing.assert_array_equal(x, before)
     ref = KMeans(K, init=km.cluster_centers_, n_init=1, max_iter=1, tol=0).fit(x)
     assert km.inertia_ == pytest.approx(ref.inertia_, rel=1e-3)
+
+
+# ------------------------------------------------------------------ streaming, partly held
+
+
+@pytest.mark.timeout(120)
+def test_streamed_data_keeps_what_fits_in_memory_and_fits_the_same(tmp_path):
+    """Data over the persist limit is streamed, but the first blocks are read once into
+    the workers' memory (as many as fit beside the streaming): the fit gives the centres
+    and labels of the fully persisted and the fully streamed fits."""
+    n, d = 200_000, 16
+    x = np.random.default_rng(1).standard_normal((n, d), dtype=np.float32)
+    x += np.random.default_rng(2).uniform(-6, 6, (K, d)).astype(np.float32)[np.arange(n) % K]
+    path = tmp_path / "x.zarr"
+    ds = xr.Dataset({"x": (("sample", "feature"), x)})
+    write_atomic(ds, path, kind="features", encoding={"x": {"chunks": (16_384, d)}})
+    init = x[:: n // K][:K].copy()
+    with (
+        dask.config.set({"dkm.blocks.target-bytes": "1MiB", "dkm.blocks.cache-fraction": 0}),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            memory_limit="1GB",
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        backend = get_backend(client)
+        source = B.as_source(str(path))
+        workers = backend.worker_memory()
+        free = sum(memory_pause_fraction() * w.limit - w.unmanaged for w in workers)
+        # A persist limit of 10 MB (the data is 12.8 MB): less the streamed blocks being
+        # worked on (2 x 1 MiB) and the per-row state, a few blocks are held.
+        with dask.config.set({"dkm.blocks.persist-fraction": 10e6 / free}):
+            blocks = B.load_blocks(source, backend)
+            assert blocks.streamed and 0 < blocks.resident < blocks.nblocks
+            del blocks
+            fits = {"auto": KMeans(K, init=init, max_iter=5, tol=0).fit(str(path))}
+        for persist in (True, False):
+            fits[persist] = KMeans(K, init=init, max_iter=5, tol=0, persist=persist)
+            fits[persist].fit(str(path))
+        labels = {key: km.labels_.compute() for key, km in fits.items()}
+    assert fits["auto"].history_.attrs["streamed"] == 1
+    assert fits[True].history_.attrs["streamed"] == 0
+    for key in (True, False):
+        km = fits[key]
+        np.testing.assert_allclose(km.cluster_centers_, fits["auto"].cluster_centers_, rtol=1e-6)
+        np.testing.assert_array_equal(labels[key], labels["auto"])
+        assert km.inertia_ == pytest.approx(fits["auto"].inertia_, rel=1e-6)

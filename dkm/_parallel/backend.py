@@ -84,6 +84,18 @@ def memory_pause_fraction() -> float:
     return 1.0
 
 
+def memory_spill_fraction() -> float:
+    """Share of its memory limit above which a worker spills task results to disk (Dask's
+    ``spill``), or its pause threshold when lower or when spilling is disabled.
+
+    Persisted blocks spilled to disk are read back on every pass (slower than streaming
+    them from Zarr), so a plan that keeps them in memory stays below this.
+    """
+    spill = dask.config.get("distributed.worker.memory.spill", False)
+    pause = memory_pause_fraction()
+    return min(float(spill), pause) if spill else pause
+
+
 def subtract_in_place(block: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """``block -= shift``; returns the same array (a task whose result is its input).
 
