@@ -209,3 +209,18 @@ def test_auto_switches_between_plain_and_pruned_passes_and_stays_exact(threaded_
     np.testing.assert_array_equal(plain.cluster_centers_, auto.cluster_centers_)
     np.testing.assert_array_equal(np.asarray(plain.labels_), np.asarray(auto.labels_))
     np.testing.assert_array_equal(plain.history_["inertia"], auto.history_["inertia"])
+
+
+@pytest.mark.slow
+def test_workers_too_small_for_numba_take_the_plain_numpy_step(client):
+    """On a worker whose memory limit is below ``numba_min_memory`` the pruned step is the
+    plain one in numpy (numba's compiler would take ~120 MB of the worker)."""
+    x, _ = make_blobs(3_000, n_features=4, centers=5, random_state=6)
+    x = x.astype(np.float32)
+    c = x[:5].astype(np.float64)
+    packed = kernels.pack_centers(c, np.dtype(np.float32))
+    small = Tiles(numba_min_memory=2**62)  # above any worker's limit
+    motion = _hamerly.centre_motion(None, c)
+    step = client.submit(_hamerly.hamerly_step, x, packed, None, motion, small).result()
+    assert isinstance(step[1], np.ndarray)  # squared distances, not bounds
+    np.testing.assert_array_equal(step[0], _reference(x, c)[0])

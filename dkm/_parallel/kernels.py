@@ -177,6 +177,9 @@ def warm_up(tiles: Tiles | None = None, dask_worker=None) -> dict:
         limit = float(getattr(mm, "memory_limit", None) or float("inf"))
     acc = accumulator(tiles, limit)
     acc(np.zeros((1, 1), np.float32), np.zeros(1, np.int32), np.zeros((1, 1)))
+    if use_numba(tiles, limit):  # the fused pass too, so that its compiler memory counts
+        x = np.zeros((1, 1), np.float32)
+        fused_pass(x, pack_centers(x, x.dtype), tiles, np.zeros(1, np.int32), d2=x[0].copy())
     return {"rss": process_memory(), "managed": managed}
 
 
@@ -366,9 +369,11 @@ def _fused_kernels():
     return _FUSED
 
 
-def _use_numba(tiles: Tiles) -> bool:
-    """Whether this process runs the compiled kernels (see :func:`accumulator`)."""
-    return not (tiles.numba_min_memory and _memory_limit_here() < tiles.numba_min_memory)
+def use_numba(tiles: Tiles, memory_limit: float | None = None) -> bool:
+    """Whether this process runs the compiled kernels: not on workers whose memory limit is
+    below ``tiles.numba_min_memory`` (see :func:`accumulator`), which run numpy's twins."""
+    limit = _memory_limit_here() if memory_limit is None else memory_limit
+    return not (tiles.numba_min_memory and limit < tiles.numba_min_memory)
 
 
 def assign(x: np.ndarray, packed: np.ndarray, tiles: Tiles, want_d2: bool = True):
@@ -380,7 +385,7 @@ def assign(x: np.ndarray, packed: np.ndarray, tiles: Tiles, want_d2: bool = True
     n = x.shape[0]
     labels = np.empty(n, dtype=np.int32)
     d2 = np.empty(n, dtype=np.result_type(x.dtype, packed.dtype)) if want_d2 else None
-    if _use_numba(tiles):
+    if use_numba(tiles):
         fused_pass(x, packed, tiles, labels, d2=d2)
         return labels, d2
     for s, m, xt, dist, lab in nearest_tiles(x, packed, tiles.rows(packed.shape[1], x.itemsize)):
@@ -512,7 +517,7 @@ def assign_sums(x: np.ndarray, packed: np.ndarray, tiles: Tiles):
     labels = np.empty(n, dtype=np.int32)
     d2 = np.empty(n, dtype=np.result_type(x.dtype, packed.dtype))
     sums = np.zeros((k, d), dtype=np.float64)
-    if _use_numba(tiles):
+    if use_numba(tiles):
         counts = np.zeros(k, dtype=np.int64)
         fused_pass(x, packed, tiles, labels, d2=d2, sums=sums, counts=counts)
         return labels, d2, sums, counts

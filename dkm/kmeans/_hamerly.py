@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dkm._parallel.kernels import Tiles, fused_pass, load
+from dkm._parallel.kernels import Tiles, fused_pass, lloyd_step, load, use_numba
 
 # Rows recomputed per gather: bounds the copy of the rows the bounds could not keep.
 _RECOMPUTE_ROWS = 65536
@@ -116,6 +116,10 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
         Like :func:`dkm._parallel.kernels.lloyd_step`, with the bounds (and the row norms
         their rounding margins need) in place of the squared distances.
     """
+    if not use_numba(tiles):
+        # A worker too small for numba's compiler: the plain step, in numpy (the bounds
+        # would cost more in numpy than they save).
+        return lloyd_step(block, packed, prev, tiles)
     x = load(block)
     n, d = x.shape
     k = packed.shape[1]
