@@ -386,3 +386,15 @@ def test_kmeans_parallel_without_cell_means(threaded_client, monkeypatch):
     assert rows.shape == (128, 8) and len(np.unique(rows, axis=0)) == 128
     assert info["n_candidates"] > 128
     assert _inertia(X, means) < _inertia(X, rows)
+
+
+def test_kmeans_parallel_same_on_processes_and_local_threads(client):
+    """The cell means come from per-block sums reduced on the workers or here: the centres
+    are the same on a two-process cluster as on local threads, whatever the chunking."""
+    X, _ = make_blobs(30_000, n_features=6, centers=300, random_state=5)
+    X = X.astype(np.float32)
+    a, info = kmeans_parallel(da.from_array(X, chunks=4_000), 200, random_state=2, client=client)
+    with dask.config.set(scheduler="threads"):
+        b, _ = kmeans_parallel(da.from_array(X, chunks=9_000), 200, random_state=2)
+    assert info["n_candidates"] > 200
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
