@@ -147,7 +147,12 @@ def candidate_weights(
     if not with_sums:
         return counts, None
     sums = np.zeros((n_candidates, x.shape[1]), dtype=np.float64)
-    accumulator(tiles)(x, labels, sums)
+    acc = accumulator(tiles)
+    # Tile by tile: numpy's accumulator (small workers) holds index and weight buffers the
+    # size of what it is given, which for a whole block would be 16 bytes per value.
+    step = max(64, tiles.x_tile_bytes // max(1, x.shape[1] * x.itemsize))
+    for s in range(0, len(x), step):
+        acc(x[s : s + step], labels[s : s + step], sums)
     return counts, sums
 
 
