@@ -386,8 +386,9 @@ def kmeans_parallel_init(
 
 # Largest per-block array of cell sums (candidates x features, float64) the weights pass
 # returns; past it (wide rows and many candidates) the candidates are reclustered as they
-# are, without their cell means.
-_MEANS_MAX_BYTES = 64 * 2**20
+# are, without their cell means. A tree reduction holds split-every (8) of them at once, so
+# this keeps a combine task within about 128 MiB (k = 4096 on 25 features: 2 MiB).
+_MEANS_MAX_BYTES = 16 * 2**20
 
 
 def _candidate_weights(blocks, state, last, offset, n_cand, tiles, keys):
