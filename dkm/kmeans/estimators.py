@@ -24,7 +24,14 @@ from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
 from dkm._validation import Interval, Options, Range, short_repr
 from dkm.kmeans import _kernels
-from dkm.kmeans.init import INIT_METHODS, check_init_array, data_range, init_on_rows, initialize
+from dkm.kmeans.init import (
+    DEFAULT_OVERSAMPLING,
+    INIT_METHODS,
+    check_init_array,
+    data_range,
+    init_on_rows,
+    initialize,
+)
 from dkm.kmeans.lloyd import (
     ASSIGNMENTS,
     EMPTY_POLICIES,
@@ -308,8 +315,13 @@ default "farthest"
         ``numpy.random.default_rng([seed, iteration])`` (the start's seed, 0-based
         iteration), so threads, a cluster and a resumed fit reset alike. Counts go to
         ``history_``.
-    oversampling_factor : float, default 2
-        k-means|| candidates per round in units of ``n_clusters``.
+    oversampling_factor : float, default 0.5
+        k-means|| candidates per round in units of ``n_clusters``. The rounds cost about
+        ``init_max_iter * oversampling_factor`` Lloyd iterations; the candidates are
+        reclustered as the means of the rows nearest each, so a quarter of Bahmani et al.'s
+        2k per round initialises as well (Fashion-MNIST patches, k=4096: 2.5 iterations'
+        worth instead of 10, initial inertia 294,843 against scikit-learn k-means++'s
+        320,953).
     init_max_iter : int, optional
         k-means|| rounds (default 5).
     init_size : int, optional
@@ -371,7 +383,7 @@ default "farthest"
         tol: float = 1e-4,
         random_state=None,
         empty_cluster: str = "farthest",
-        oversampling_factor: float = 2.0,
+        oversampling_factor: float = DEFAULT_OVERSAMPLING,
         init_max_iter: int | None = None,
         init_size: int | None = None,
         dtype=np.float32,
@@ -671,7 +683,7 @@ default "k-means++"
         n_init: int | str = "auto",
         reassignment_ratio: float = 0.01,
         random_state=None,
-        oversampling_factor: float = 2.0,
+        oversampling_factor: float = DEFAULT_OVERSAMPLING,
         init_max_iter: int | None = None,
         dtype=np.float32,
         persist: str | bool = "auto",
