@@ -174,7 +174,7 @@ def sklearn_marginal(X: np.ndarray, C0: np.ndarray, n: int) -> dict:
     # Best of three of each when a fit is short: on the pixels a 1-iteration fit's fixed
     # cost varied by more than the 19 iterations' work, so single differences came out at
     # 0.002-0.025 s per iteration (the GEMM alone takes 0.03).
-    tries = 3 if X.nbytes * len(C0) < 2**31 else 1
+    tries = 3 if X.shape[0] * X.shape[1] * len(C0) < 2e9 else 1
     one, t1 = min((fit(1) for _ in range(tries)), key=lambda r: r[1])
     km, tn = min((fit(n) for _ in range(tries)), key=lambda r: r[1])
     extra = km.n_iter_ - one.n_iter_  # fewer than n - 1 only if the labels stopped changing
