@@ -39,7 +39,13 @@ from dkm.features import Features, build_features, features_identity
 from dkm.jobs import JobSpec, JobSpecError, ModelSpec, check_against_data
 from dkm.results import ResultsStore, load_model, run_name, sweep_table
 from dkm.results.attrs import COMPLETE, FAILED, INTERRUPTED
-from dkm.runtime import SchedulerLost, check_interrupted, connect
+from dkm.runtime import (
+    SchedulerLost,
+    SchedulerUnreachable,
+    check_interrupted,
+    check_scheduler,
+    connect,
+)
 
 __all__ = ["JobOutcome", "Plan", "PlannedRun", "plan_job", "run_id", "run_job"]
 
@@ -514,7 +520,7 @@ class _JobRunner:
         try:
             metrics = self._fit(name, model, k, identity, rid)
         except Exception as err:  # the run fails; the job goes on with the others
-            if self.client.status != "running":  # not the run's fault: the cluster is gone
+            if self._scheduler_gone(err):  # not the run's fault: the cluster is gone
                 raise SchedulerLost(
                     f"lost the Dask scheduler at {self.client.scheduler.address} during {name} "
                     f"({_error_text(err).splitlines()[0]}); finished runs and checkpoints are "
@@ -527,6 +533,20 @@ class _JobRunner:
             self.results.write_failed_run(name, attrs, text)
             return RunOutcome(name, model.algorithm, k, "failed", error=text)
         return RunOutcome(name, model.algorithm, k, "computed", metrics)
+
+    def _scheduler_gone(self, err: Exception) -> bool:
+        """Whether a run failed because the scheduler went away. The client notices that
+        a moment after a gather in flight fails with a closed connection, so a connection
+        error is checked against the scheduler itself before the run is called failed."""
+        if self.client.status != "running":
+            return True
+        if not isinstance(err, OSError):
+            return False
+        try:
+            check_scheduler(self.client.scheduler.address, 5.0)
+        except SchedulerUnreachable:
+            return True
+        return False
 
     def _complete(self, name: str, model: ModelSpec, k: int, attrs: dict[str, Any]) -> RunOutcome:
         """A reused run: add the metrics, labels and images the job asks for now and it
