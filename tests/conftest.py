@@ -17,6 +17,21 @@ import pytest
 from distributed import Client, LocalCluster
 
 
+def worker_processes(n_workers: int = 2, memory_limit="auto", **kw) -> LocalCluster:
+    """A LocalCluster of single-threaded worker processes on 127.0.0.1 with a memory limit,
+    for tests of memory rules (use as a context manager)."""
+    kw.setdefault("silence_logs", logging.ERROR)
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        memory_limit=memory_limit,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        **kw,
+    )
+
+
 @pytest.fixture(scope="session")
 def process_cluster():
     """Two single-threaded worker *processes* on 127.0.0.1 (the CI-sized default)."""

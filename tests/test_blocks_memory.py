@@ -10,7 +10,6 @@ worker memory and fits as if it were all persisted.
 
 from __future__ import annotations
 
-import logging
 import tracemalloc
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
-from distributed import Client, LocalCluster
+from conftest import worker_processes
+from distributed import Client
 
 from dkm._parallel import blocks as B
 from dkm._parallel import kernels
@@ -91,15 +91,7 @@ def test_persisted_near_the_limit_stays_below_pause_and_more_is_streamed(tmp_pat
     with (
         # The workers' plan bounds the data, not the share of their free memory.
         dask.config.set({"dkm.blocks.persist-fraction": 1.0}),
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            memory_limit=LIMIT,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        ) as cluster,
+        worker_processes(2, LIMIT) as cluster,
         Client(cluster) as client,
     ):
         backend = get_backend(client)
@@ -203,15 +195,7 @@ def test_streamed_data_keeps_what_fits_in_memory_and_fits_the_same(tmp_path):
     init = x[:: n // K][:K].copy()
     with (
         dask.config.set({"dkm.blocks.target-bytes": "1MiB", "dkm.blocks.cache-fraction": 0}),
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            memory_limit="1GB",
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        ) as cluster,
+        worker_processes(2, "1GB") as cluster,
         Client(cluster) as client,
     ):
         backend = get_backend(client)
