@@ -52,8 +52,10 @@ def _tied_data(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("tile_bytes", [2**20, 4 * 256 * 8])  # one tile of centres; chunks of 8
-def test_fused_pass_matches_numpy_including_ties(dtype, tile_bytes):
+@pytest.mark.parametrize("n_centres", [37, 10])  # centres x rows GEMM; rows x centres below 32
+def test_fused_pass_matches_numpy_including_ties(dtype, tile_bytes, n_centres):
     x, centers = _tied_data(dtype)
+    centers = centers[:n_centres]
     tiles = Tiles(tile_bytes=tile_bytes)
     packed = kernels.pack_centers(centers, np.dtype(dtype))
     n, k = len(x), len(centers)
@@ -71,11 +73,12 @@ def test_fused_pass_matches_numpy_including_ties(dtype, tile_bytes):
     np.testing.assert_allclose(sums, ref_sums, rtol=1e-12)
 
 
-def test_fused_step_equals_the_numpy_step_to_the_bit():
+@pytest.mark.parametrize(("n", "d", "k"), [(20_000, 25, 300), (3_000, 784, 10)])
+def test_fused_step_equals_the_numpy_step_to_the_bit(n, d, k):
     """Workers below ``numba_min_memory`` run the numpy twin: the same labels and sums."""
-    x, _ = make_blobs(20_000, n_features=25, centers=300, random_state=1)
+    x, _ = make_blobs(n, n_features=d, centers=k, random_state=1)
     x = x.astype(np.float32)
-    centers = x[np.random.default_rng(2).choice(len(x), 300, replace=False)]
+    centers = x[np.random.default_rng(2).choice(len(x), k, replace=False)]
     packed = kernels.pack_centers(centers, np.dtype(np.float32))
     fused = kernels.lloyd_step(x, packed, None, Tiles(numba_min_memory=0))
     plain = kernels.lloyd_step(x, packed, None, Tiles(numba_min_memory=2**62))
