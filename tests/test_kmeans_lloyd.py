@@ -114,8 +114,9 @@ class _TaskLog(SchedulerPlugin):
 @pytest.mark.parametrize("tree", [False, True])
 def test_tasks_per_iteration_constant(client, tree):
     # tree: force the on-worker tree reduction used for large k x d partial sums.
+    # Task by task: rounds (several iterations per task, test_kmeans_rounds.py) are off.
     limit = 0 if tree else "32MiB"
-    with dask.config.set({"dkm.backend.client-reduce-bytes": limit}):
+    with dask.config.set({"dkm.backend.client-reduce-bytes": limit, "dkm.lloyd.rounds": "off"}):
         _tasks_per_iteration_constant(client, tree)
 
 

@@ -8,6 +8,7 @@ policy, on threads and on worker processes.
 
 from __future__ import annotations
 
+import dask
 import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
@@ -18,6 +19,13 @@ from dkm.kmeans import _hamerly
 from dkm.kmeans.estimators import KMeans
 
 POLICIES = ["farthest", "random-point", "random-vector", "zero", "keep"]
+
+
+@pytest.fixture(autouse=True)
+def _task_by_task():
+    """Pruning runs task by task: rounds (test_kmeans_rounds.py) compute every distance."""
+    with dask.config.set({"dkm.lloyd.rounds": "off"}):
+        yield
 
 
 def _reference(x: np.ndarray, centers: np.ndarray):

@@ -349,7 +349,10 @@ default "farthest"
         Over ``iteration``: inertia (of the assignment made in that iteration), center_shift
         (sum of squared shifts), n_moved, n_empty, n_reseeded, seconds, n_tasks (tasks
         submitted), extra_passes, n_computed (rows whose distances were computed: all of
-        them with "lloyd", those the bounds could not keep with "hamerly"); attrs: init,
+        them with "lloyd", those the bounds could not keep with "hamerly"), in_round (1 when
+        the iteration ran in a round of long tasks on a cluster, several iterations per
+        scheduler round trip, ``dkm.lloyd.rounds``; n_tasks then counts the round's tasks on
+        its first iteration and 0 on the others); attrs: init,
         empty_cluster, assignment, converged, tol_abs, n_blocks, and init_range
         ``[lo, hi]`` when "uniform" or "random-vector" used one.
     init_info_ : dict

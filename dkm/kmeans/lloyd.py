@@ -28,7 +28,16 @@ from dkm._parallel.blocks import Blocks
 from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
 from dkm.kmeans import _hamerly
-from dkm.kmeans.init import data_range, uniform_vectors
+from dkm.kmeans._iteration import (
+    HISTORY_KEYS,
+    _advance,
+    _EmptyHandler,
+    _record,
+    _stopping,
+    objective,
+)
+from dkm.kmeans._rounds import Rounds, RoundSteps
+from dkm.kmeans.init import data_range
 
 __all__ = [
     "ASSIGNMENTS",
@@ -80,17 +89,6 @@ class _Chooser:
         if computed > self.worth * n:
             self.plain_until = it + 1 + self.wait
             self.wait *= 2
-HISTORY_KEYS = (
-    "inertia",
-    "center_shift",
-    "n_moved",
-    "n_empty",
-    "n_reseeded",
-    "seconds",
-    "n_tasks",
-    "extra_passes",
-    "n_computed",
-)
 
 
 @dataclass
@@ -122,107 +120,34 @@ class LloydResult:
     history: dict = field(default_factory=dict)
 
 
-def objective(sq_norm_total: float, centers: np.ndarray, sums: np.ndarray, counts) -> float:
-    """sum ||x - c_label||^2 from the float64 statistics, without another pass.
+class _BlocksEmpty(_EmptyHandler):
+    """:class:`_EmptyHandler` reading the rows it needs with tasks on the blocks."""
 
-    sum_x ||x||^2 - 2 sum_j c_j . S_j + sum_j n_j ||c_j||^2, where S_j, n_j are the sums and
-    counts of the rows assigned to j. Exact in float64 for any ``centers`` given those
-    assignments, so it also gives the inertia of the *updated* centres (scikit-learn's
-    convention at strict convergence).
-    """
-    c = np.asarray(centers, dtype=np.float64)
-    val = sq_norm_total - 2.0 * float((c * sums).sum()) + float((counts * (c * c).sum(1)).sum())
-    return max(val, 0.0)
+    def __init__(self, blocks: Blocks, keys: Keys, tiles: Tiles, policy, seed, value_range):
+        super().__init__(policy, seed, blocks.n, blocks.d, blocks.shift, value_range)
+        self.blocks, self.keys, self.tiles = blocks, keys, tiles
 
-
-class _EmptyHandler:
-    def __init__(
-        self,
-        blocks: Blocks,
-        policy: str,
-        seed: int,
-        keys: Keys,
-        tiles: Tiles,
-        value_range: tuple[float, float] | None = None,
-    ):
-        self.blocks, self.policy, self.seed, self.keys, self.tiles = (
-            blocks,
-            policy,
-            seed,
-            keys,
-            tiles,
-        )
-        self.value_range = value_range
-
-    def apply(self, it, centers, done: _Pass, sums, counts):
-        """Re-seed empty clusters in place on ``sums``/``counts``; return fixed centres dict."""
-        empty = np.flatnonzero(counts == 0)
-        fixed: dict[int, np.ndarray] = {}
-        if len(empty) == 0 or self.policy == "keep":
-            for j in empty:
-                fixed[int(j)] = centers[j]
-            return empty, fixed, 0
+    def farthest_parts(self, it: int, done: _Pass, m: int) -> tuple[list, int]:
         b = self.blocks
-        be = b.backend
-        passes = 0
-        if self.policy == "farthest":
-            # Like scikit-learn: the rows farthest from their centres move to the empty
-            # clusters, leaving their old clusters. The plain step kept every row's distance,
-            # so that costs one read of the chosen rows; the pruned step kept bounds only, so
-            # there it is another distance pass (counted in ``extra_passes``).
-            m = len(empty)
-            if done.pruned:
-                futs = be.map(
-                    kernels.farthest_rows,
-                    b.handles,
-                    [done.packed] * b.nblocks,
-                    [m] * b.nblocks,
-                    b.starts.tolist(),
-                    [self.tiles] * b.nblocks,
-                    name=self.keys("lloyd", "farthest", it=it),
-                )
-                passes = 1
-            else:
-                futs = be.map(
-                    kernels.farthest_from_step,
-                    b.handles,
-                    done.steps,
-                    [m] * b.nblocks,
-                    b.starts.tolist(),
-                    name=self.keys("lloyd", "farthest", it=it),
-                )
-            parts = be.gather(futs)
-            d2 = np.concatenate([p[0] for p in parts])
-            gidx = np.concatenate([p[1] for p in parts])
-            labs = np.concatenate([p[2] for p in parts])
-            rows = np.concatenate([p[3] for p in parts], axis=0).astype(np.float64)
-            order = np.lexsort((gidx, -d2))[:m]
-            for j, o in zip(empty, order, strict=False):
-                old = labs[o]
-                sums[old] -= rows[o]
-                counts[old] -= 1
-                sums[j] = rows[o]
-                counts[j] = 1
-        elif self.policy == "random-point":
-            rng = np.random.default_rng([self.seed, it])
-            rows = b.take(
-                rng.choice(b.n, size=len(empty), replace=False),
-                name=self.keys("lloyd", "random-point", it=it),
+        be, nb = b.backend, b.nblocks
+        name = self.keys("lloyd", "farthest", it=it)
+        starts = b.starts.tolist()
+        if done.pruned:  # the bounds kept no distances: another pass
+            futs = be.map(
+                kernels.farthest_rows,
+                b.handles,
+                [done.packed] * nb,
+                [m] * nb,
+                starts,
+                [self.tiles] * nb,
+                name=name,
             )
-            for j, r in zip(empty, rows, strict=True):
-                fixed[int(j)] = r
-        elif self.policy == "random-vector":
-            # Drawn here from the start's seed and the iteration number, like "random-point":
-            # the same vectors on any backend and after a resume, at no cost on the data.
-            vectors = uniform_vectors(len(empty), b.d, self.value_range, [self.seed, it], b.shift)
-            for j, v in zip(empty, vectors, strict=True):
-                fixed[int(j)] = v
-        elif self.policy == "zero":
-            # The zero vector of the data space (rows are centered on ``b.shift``).
-            zero = -(b.shift.astype(np.float64) if b.shift is not None else np.zeros(b.d))
-            for j in empty:
-                fixed[int(j)] = zero
-        return empty, fixed, passes
+            return be.gather(futs), 1
+        args = (b.handles, done.steps, [m] * nb, starts)
+        return be.gather(be.map(kernels.farthest_from_step, *args, name=name)), 0
+
+    def take(self, it: int, rows: np.ndarray) -> np.ndarray:
+        return self.blocks.take(rows, name=self.keys("lloyd", "random-point", it=it))
 
 
 @dataclass
@@ -384,7 +309,7 @@ def lloyd(
     sqn = blocks.stats["sq_norm_total"]
     if empty_cluster == "random-vector" and value_range is None:
         value_range = data_range(blocks)
-    handler = _EmptyHandler(blocks, empty_cluster, seed, keys, tiles, value_range)
+    handler = _BlocksEmpty(blocks, keys, tiles, empty_cluster, seed, value_range)
     C = np.asarray(centers, dtype=dtype).astype(np.float64)
     k = C.shape[0]
     part_bytes = k * (blocks.d + 1) * 8
@@ -421,8 +346,30 @@ def lloyd(
             prev = prev.steps
             C_prev = np.asarray(start.previous_centers, dtype=np.float64)
     last = None
-    it = first - 1
-    for it in range(first, max_iter if stopped is None else first):
+    rounds = Rounds.maybe(blocks, assignment, part_bytes)
+    done = None
+    it = first
+    while stopped is None and it < max_iter:
+        if rounds is not None and rounds.worth(it - first, hist["seconds"]):
+            ran = rounds.run(it, C, prev, max_iter, tol, handler, sqn, keys)
+            if ran is None:  # the round failed: on task by task, from the same state
+                rounds = None
+                if C_prev is not None:  # the labels of the last iteration, for its moves
+                    again = keys.sub(recover=it)  # keys of their own: "-it<n>" ones are taken
+                    prev = assign_pass(blocks, C_prev, [None] * nb, again, it=it - 1).steps
+                prev_pruned = False
+                continue
+            prev, records = ran
+            for C_new, record, stopped, inertia, raw in records:
+                last = raw
+                _record(hist, record)
+                C_prev, C = C, C_new
+                if callback is not None:
+                    callback(LloydProgress(it + 1, C, C_prev, hist, stopped, inertia))
+                it += 1
+            prev_pruned = False
+            done = None
+            continue
         t0 = time.perf_counter()
         done = assign_pass(
             blocks,
@@ -434,58 +381,43 @@ def lloyd(
             previous_centers=C_prev,
             it=it,
         )
-        sums, counts, moved, computed = done.totals
-        chooser.saw(it, done, computed, blocks.n, first_pruned=not prev_pruned)
+        chooser.saw(it, done, done.totals[3], blocks.n, first_pruned=not prev_pruned)
         prev_pruned = done.pruned
-        sums = sums.copy()
-        counts = counts.copy()
-        raw_sums, raw_counts = sums.copy(), counts.copy()
-        iteration_inertia = objective(sqn, C, raw_sums, raw_counts)
-        empty, fixed, extra = handler.apply(it, C, done, sums, counts)
-        C_new = C.copy()
-        nz = counts > 0
-        C_new[nz] = sums[nz] / counts[nz, None]
-        for j, v in fixed.items():
-            C_new[j] = v
-        C_new = C_new.astype(dtype).astype(np.float64)
-        shift = float(((C_new - C) ** 2).sum())
+        C_new, last, record = _advance(it, C, done.totals, sqn, dtype, handler, done)
         prev = done.steps
-        last = (raw_sums, raw_counts)
-        hist["inertia"].append(iteration_inertia)
-        hist["center_shift"].append(shift)
-        hist["n_moved"].append(int(moved))
-        hist["n_empty"].append(len(empty))
-        hist["n_reseeded"].append(len(empty) if empty_cluster != "keep" else 0)
-        hist["n_tasks"].append(n_tasks)
-        hist["extra_passes"].append(extra)
-        hist["n_computed"].append(int(computed))
+        record["n_tasks"] = n_tasks
         if verbose:
             log.info(
                 "iteration %d: inertia %.6g shift %.3g moved %d",
                 it,
-                iteration_inertia,
-                shift,
-                moved,
+                record["inertia"],
+                record["center_shift"],
+                record["n_moved"],
             )
         C_prev, C = C, C_new
-        hist["seconds"].append(time.perf_counter() - t0)
-        if it > 0 and moved == 0:
-            stopped = "strict"
+        record["seconds"] = time.perf_counter() - t0
+        _record(hist, record)
+        stopped = _stopping(it, record, tol, max_iter)
+        if stopped == "strict":
             inertia = objective(sqn, C, *last)
-        elif shift <= tol:
-            stopped = "tol"
-        elif it + 1 == max_iter:
-            stopped = "max_iter"
         if callback is not None:
             callback(LloydProgress(it + 1, C, C_prev, hist, stopped, inertia))
-        if stopped is not None:
-            break
+        it += 1
+    it -= 1
     n_iter = it + 1 if start is None or start.stopped is None else first
     stopped = stopped or "max_iter"
+    if isinstance(prev, RoundSteps):
+        # Results must never depend on a rank's task: the scheduler cannot run one again
+        # alone (it waits for its peers), so labels lost with a worker would never return.
+        prev = [None] * nb
     if stopped == "strict":
         if last is None:  # resumed after it had stopped: only the labels are missing
             final_labels = assign_pass(
                 blocks, C, [None] * nb, keys, phase="final", tiles=tiles
+            ).labels
+        elif done is None:  # stopped in a round: its last labels again, as plain tasks
+            final_labels = assign_pass(
+                blocks, C_prev, prev, keys, phase="final", tiles=tiles
             ).labels
         else:
             final_labels = done.labels

@@ -1,0 +1,241 @@
+"""Lloyd iterations in rounds: several iterations per scheduler round trip on a cluster.
+
+When an iteration is short (``dkm.lloyd.round-below``), most of it is the scheduler round
+trip of its tasks. A round instead runs one task per worker thread (a *rank*,
+:mod:`dkm._parallel.spmd`) holding that thread's blocks; the ranks all-gather their
+per-block statistics after every pass and each computes the next centres with the client's
+own arithmetic (:mod:`dkm.kmeans._iteration`), combining the blocks in the order the
+client's reduction does. The centres, labels and history are those of the task-by-task loop
+to the last bit. A round lasts about ``dkm.lloyd.round-seconds``; the client then records
+its iterations (checkpoints and progress see every one) and starts the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from dkm import config
+from dkm._parallel import kernels, spmd
+from dkm._parallel.blocks import Blocks
+from dkm._parallel.kernels import Tiles
+from dkm._parallel.keys import Keys
+from dkm.kmeans._iteration import _advance, _EmptyHandler, _stopping, objective
+
+__all__ = ["Rounds"]
+
+log = logging.getLogger("dkm")
+
+ROUND_MODES = ("auto", "always", "off")
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every rank of a round needs besides its blocks and their previous steps."""
+
+    first: int
+    stop: int
+    centers: np.ndarray  # float64, in the blocks' coordinates
+    dtype: np.dtype
+    sqn: float
+    tol: float
+    max_iter: int
+    tiles: Tiles
+    policy: str
+    seed: int
+    n: int
+    d: int
+    shift: np.ndarray | None
+    value_range: tuple[float, float] | None
+    starts: np.ndarray  # global row offset of every block
+    blocks: tuple[tuple[int, ...], ...]  # the blocks of each rank
+    every: int | None  # the client's reduction: None combines all at once, else a tree
+    n_tasks: int  # tasks the round submits (recorded on its first iteration)
+
+
+class _RankEmpty(_EmptyHandler):
+    """:class:`_EmptyHandler` of a rank: the rows it needs come from every rank's blocks
+    through the round's exchange (every rank asks for the same rows at the same point)."""
+
+    def __init__(self, job: _Job, exchange: spmd.Exchange, rank: int, blocks: tuple):
+        super().__init__(job.policy, job.seed, job.n, job.d, job.shift, job.value_range)
+        self.job, self.exchange, self.blocks = job, exchange, blocks
+        self.ids = job.blocks[rank]
+        self.steps: list = []
+
+    def farthest_parts(self, it: int, done, m: int) -> tuple[list, int]:
+        starts = self.job.starts
+        mine = [
+            kernels.farthest_from_step(block, step, m, int(starts[b]))
+            for block, step, b in zip(self.blocks, self.steps, self.ids, strict=True)
+        ]
+        return [part for parts in self.exchange.allgather(mine) for part in parts], 0
+
+    def take(self, it: int, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self.job.starts
+        where = np.searchsorted(starts, rows, side="right") - 1
+        mine = []
+        for block, b in zip(self.blocks, self.ids, strict=True):
+            pos = np.flatnonzero(where == b)
+            if len(pos):
+                mine.append((pos, kernels.take_rows(block, rows[pos] - starts[b])))
+        out = np.empty((len(rows), self.d), dtype=np.float64)
+        for parts in self.exchange.allgather(mine):
+            for pos, part in parts:
+                out[pos] = part
+        return out
+
+
+def _lloyd_rank(name: str, rank: int, n: int, timeout: float, job: _Job, prev, *blocks):
+    """Iterations ``job.first`` .. ``job.stop - 1`` (or until a stopping rule) on this rank's
+    blocks. Returns ``(steps, records)``: the blocks' last steps (kept on the worker for the
+    next round) and, on rank 0, one ``[centres, record, stopped, inertia, raw]`` per
+    iteration (``raw``, the last pass's assigned sums and counts, on the last one only)."""
+    exchange = spmd.Exchange(name, rank, n, timeout)
+    try:
+        steps = list(prev["round"][0]) if isinstance(prev, dict) else list(prev)
+        handler = _RankEmpty(job, exchange, rank, blocks)
+        C = job.centers
+        records = []
+        raw = None
+        for it in range(job.first, job.stop):
+            t0 = time.perf_counter()
+            packed = kernels.pack_centers(C, job.dtype)
+            steps = [
+                kernels.lloyd_step(block, packed, p, job.tiles)
+                for block, p in zip(blocks, steps, strict=True)
+            ]
+            ordered: list = [None] * len(job.starts)
+            gathered = exchange.allgather([s[2] for s in steps])
+            for ids, parts in zip(job.blocks, gathered, strict=True):
+                for b, part in zip(ids, parts, strict=True):
+                    ordered[b] = part
+            totals = spmd.combine_in_order(ordered, kernels.combine_stats, job.every)
+            handler.steps = steps
+            C_new, raw, record = _advance(it, C, totals, job.sqn, job.dtype, handler, None)
+            stopped = _stopping(it, record, job.tol, job.max_iter)
+            inertia = objective(job.sqn, C_new, *raw) if stopped == "strict" else None
+            record["n_tasks"] = job.n_tasks if it == job.first else 0
+            record["in_round"] = 1
+            record["seconds"] = time.perf_counter() - t0
+            records.append([C_new, record, stopped, inertia, None])
+            C = C_new
+            if stopped is not None:
+                break
+        records[-1][4] = raw
+        return steps, (records if rank == 0 else None)
+    finally:
+        exchange.close()
+
+
+def _rank_records(result):
+    return result[1]
+
+
+class RoundSteps:
+    """The blocks' last steps after a round, held by the ranks' results on the workers: only
+    the next round reads them (see :func:`dkm.kmeans.lloyd.lloyd`'s final labels)."""
+
+    def __init__(self, futures: list, ranks: spmd.Ranks, backend, keys: Keys, it: int):
+        self.futures, self.ranks, self.backend, self.keys, self.it = (
+            futures,
+            ranks,
+            backend,
+            keys,
+            it,
+        )
+
+    def for_rank(self, r: int):
+        return {"round": self.futures[r]}
+
+
+class Rounds:
+    """Whether and how a Lloyd fit runs its iterations in rounds (see the module's text)."""
+
+    def __init__(self, blocks: Blocks, ranks: spmd.Ranks, part_bytes: int, mode: str):
+        self.blocks, self.ranks, self.part_bytes, self.mode = blocks, ranks, part_bytes, mode
+        self.below = config.get_seconds("lloyd.round-below")
+        self.seconds = config.get_seconds("lloyd.round-seconds")
+        self.timeout = config.get_seconds("lloyd.round-timeout")
+        self.count = 0  # iterations run in rounds
+
+    @classmethod
+    def maybe(cls, blocks: Blocks, assignment: str, part_bytes: int) -> Rounds | None:
+        """Rounds for this fit, or None: off by config, not on a cluster, streamed blocks,
+        pruning asked for, or per-rank statistics above ``dkm.lloyd.round-exchange-bytes``."""
+        mode = str(config.get("lloyd.rounds"))
+        if mode not in ROUND_MODES:
+            raise ValueError(f"dkm.lloyd.rounds must be one of {ROUND_MODES}, got {mode!r}")
+        be = blocks.backend
+        if mode == "off" or not be.is_distributed or blocks.streamed or assignment == "hamerly":
+            return None
+        ranks = spmd.plan_ranks(be, blocks.handles)
+        if ranks is None or ranks.n < 1:
+            return None
+        most = max(len(b) for b in ranks.blocks)
+        if most * part_bytes > config.get_bytes("lloyd.round-exchange-bytes"):
+            return None
+        return cls(blocks, ranks, part_bytes, mode)
+
+    def worth(self, done_here: int, seconds: list) -> bool:
+        """Run the next iterations in a round? Under "auto", once two iterations of this
+        fit were each shorter than ``dkm.lloyd.round-below``."""
+        if self.mode == "always":
+            return True
+        return done_here >= 2 and max(seconds[-2:]) < self.below
+
+    def run(self, it: int, C, prev, max_iter: int, tol: float, handler, sqn: float, keys: Keys):
+        """One round from iteration ``it``: ``(RoundSteps, records)``, or None if it failed."""
+        be, b = self.blocks.backend, self.blocks
+        last = max(1e-4, self._iteration_seconds())
+        stop = min(max_iter, it + max(2, min(256, int(self.seconds / last))))
+        every = None
+        if not be.reduces_on_client(b.nblocks, self.part_bytes):
+            every = int(config.get("backend.split-every"))
+        job = _Job(
+            it,
+            stop,
+            np.asarray(C, dtype=np.float64),
+            b.dtype,
+            sqn,
+            tol,
+            max_iter,
+            handler.tiles,
+            handler.policy,
+            handler.seed,
+            b.n,
+            b.d,
+            b.shift,
+            handler.value_range,
+            np.asarray(b.starts, dtype=np.int64),
+            self.ranks.blocks,
+            every,
+            self.ranks.n + 1,
+        )
+
+        def per_rank(r: int) -> tuple:
+            ids = self.ranks.blocks[r]
+            mine = prev.for_rank(r) if isinstance(prev, RoundSteps) else [prev[i] for i in ids]
+            return (job, mine, *[b.handles[i] for i in ids])
+
+        name = keys("lloyd", "round", it=it)
+        try:
+            futures = spmd.run_round(be, self.ranks, _lloyd_rank, per_rank, name, self.timeout)
+            records = be.gather(be.submit(_rank_records, futures[0], name=f"{name}-records"))
+        except spmd.RoundFailed as err:
+            log.warning("Lloyd rounds stopped (%s); the fit goes on task by task", err)
+            return None
+        self.count += len(records)
+        self._last = [r[1]["seconds"] for r in records]
+        return RoundSteps(futures, self.ranks, be, keys, it), records
+
+    def _iteration_seconds(self) -> float:
+        """A rank's iteration time, from the last round (or the fit's last iterations,
+        which include a round trip each: the first round is short)."""
+        if getattr(self, "_last", None):
+            return float(np.median(self._last))
+        return float(self.below)

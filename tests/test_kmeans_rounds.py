@@ -1,0 +1,107 @@
+"""Lloyd in rounds (several iterations per scheduler round trip) is the task-by-task Lloyd.
+
+The ranks of a round all-gather their per-block statistics and each computes the next
+centres with the client's arithmetic, so the centres, labels and history must be the
+task-by-task loop's to the last bit: under every empty-cluster policy, with the client's
+reduction and the tree, when a round fails half-way, and across a checkpoint and resume.
+"""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+
+from dkm.kmeans.estimators import KMeans
+
+POLICIES = ["farthest", "random-point", "random-vector", "zero", "keep"]
+SAME = [
+    "inertia",
+    "center_shift",
+    "n_moved",
+    "n_empty",
+    "n_reseeded",
+    "extra_passes",
+    "n_computed",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    x, _ = make_blobs(12_000, n_features=9, centers=8, cluster_std=2.0, random_state=3)
+    return x.astype(np.float32)
+
+
+def _fit(x, mode: str, extra: dict | None = None, **params):
+    settings = {"dkm.lloyd.rounds": mode, **(extra or {})}
+    with dask.config.set(settings):
+        return KMeans(**{"n_clusters": 8, "tol": 0, "random_state": 0, **params}).fit(x)
+
+
+def _assert_same(a, b, skip=()):
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    np.testing.assert_array_equal(np.asarray(a.labels_), np.asarray(b.labels_))
+    assert a.inertia_ == b.inertia_
+    assert (a.n_iter_, a.history_.attrs["converged"]) == (b.n_iter_, b.history_.attrs["converged"])
+    for key in set(SAME) - set(skip):
+        np.testing.assert_array_equal(a.history_[key].values, b.history_[key].values, key)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_rounds_equal_the_task_by_task_loop_under_every_empty_policy(client, blobs, policy):
+    # Uniform vectors in the data's range leave clusters empty in the first iterations.
+    params = {"init": "uniform", "empty_cluster": policy, "max_iter": 40, "algorithm": "lloyd"}
+    x = da.from_array(blobs, chunks=1_500)  # 8 blocks over 2 worker processes
+    plain = _fit(x, "off", **params)
+    rounds = _fit(x, "always", **params)
+    assert plain.history_["n_empty"].values.sum() > 0 or policy == "keep"
+    assert rounds.history_["in_round"].values.all()
+    assert not plain.history_["in_round"].values.any()
+    _assert_same(plain, rounds)
+
+
+def test_rounds_combine_like_the_tree_reduction(client, blobs):
+    x = da.from_array(blobs, chunks=1_000)  # 12 blocks: a tree of two levels with fan-in 8
+    tree = {"dkm.backend.client-reduce-bytes": 0}
+    plain = _fit(x, "off", tree, max_iter=25, algorithm="lloyd")
+    rounds = _fit(x, "always", tree, max_iter=25, algorithm="lloyd")
+    assert rounds.history_["in_round"].values.all()
+    _assert_same(plain, rounds)
+
+
+def test_auto_starts_rounds_after_short_iterations(client, blobs):
+    x = da.from_array(blobs, chunks=1_500)
+    auto = _fit(x, "auto", init="random", max_iter=30)
+    in_round = auto.history_["in_round"].values
+    # Two task-by-task iterations are measured first (a slow first one delays the start);
+    # once on, rounds stay on.
+    assert not in_round[:2].any() and in_round[-20:].all()
+    assert (np.diff(in_round) >= 0).all()
+    # "auto" prunes task by task (Hamerly) and computes every distance in rounds.
+    _assert_same(_fit(x, "off", init="random", max_iter=30), auto, skip=["n_computed"])
+
+
+def test_a_failed_round_goes_on_task_by_task_with_the_same_result(client, blobs):
+    x = da.from_array(blobs, chunks=1_500)
+    plain = _fit(x, "off", max_iter=30, algorithm="lloyd", init="random")
+    # Ranks give up on each other at once: the first exchange fails.
+    failing = _fit(
+        x,
+        "always",
+        {"dkm.lloyd.round-timeout": "0s"},
+        max_iter=30,
+        algorithm="lloyd",
+        init="random",
+    )
+    assert not failing.history_["in_round"].values.any()
+    _assert_same(plain, failing)
+
+
+def test_threads_never_run_rounds(blobs):
+    with dask.config.set(scheduler="threads"):
+        km = _fit(blobs, "always", max_iter=5)
+    assert not km.history_["in_round"].values.any()
