@@ -98,6 +98,32 @@ def test_em_matches_sklearn_on_every_input_and_chunking(client, blobs, cov, tmp_
         np.testing.assert_allclose(g.history_["lower_bound"], sk.lower_bounds_, rtol=1e-6)
 
 
+@pytest.mark.parametrize("cov", COV_TYPES)
+def test_two_worker_processes_and_threads_give_the_same_model(
+    client, threaded_client, blobs, cov
+):
+    """The E-step's partial statistics are combined in block order wherever the blocks
+    run, so the fitted model is the same to the last bit."""
+    x = da.from_array(blobs, chunks=(400, D))
+    fits = {}
+    for name, where in (
+        ("2 worker processes", client.as_current()),
+        ("a worker with 2 threads", threaded_client.as_current()),
+        ("local threads", dask.config.set(scheduler="threads")),
+    ):
+        with where:
+            fits[name] = dkm(cov, blobs, max_iter=30).fit(x)
+    ref = fits.pop("2 worker processes")
+    assert ref.history_.attrs["backend"] == "distributed"
+    for name, g in fits.items():
+        assert g.history_.attrs["n_blocks"] == ref.history_.attrs["n_blocks"], name
+        for attr in ATTRS:
+            np.testing.assert_array_equal(getattr(g, attr), getattr(ref, attr), f"{name} {attr}")
+        np.testing.assert_array_equal(g.lower_bounds_, ref.lower_bounds_, name)
+        assert g.n_iter_ == ref.n_iter_, name
+    assert fits["local threads"].history_.attrs["backend"] == "threads"
+
+
 def sk_with(g, cov):
     """A scikit-learn estimator holding dkm's fitted parameters."""
     sk = SkGaussianMixture(K, covariance_type=cov)
