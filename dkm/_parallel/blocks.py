@@ -131,18 +131,26 @@ class Blocks:
 
         ``name`` is the task key prefix (see :class:`dkm._parallel.keys.Keys`).
         """
+        return self.take_later(rows, name, np.float64)()
+
+    def take_later(self, rows: np.ndarray, name: str, dtype=np.float64):
+        """:meth:`take`, submitted now: returns a function that waits for the rows and
+        returns them as ``dtype`` (so the transfer overlaps what the caller does meanwhile).
+        """
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.d), dtype=np.float64)
-        if len(rows) == 0:
-            return out
-        groups = self.locate(rows)
+        groups = self.locate(rows) if len(rows) else []
         futs = [
             self.backend.submit(kernels.take_rows, self.handles[b], loc, name=f"{name}-{b}")
             for b, loc, _ in groups
         ]
-        for (_, _, pos), part in zip(groups, self.backend.gather(futs), strict=True):
-            out[pos] = part
-        return out
+
+        def result() -> np.ndarray:
+            out = np.empty((len(rows), self.d), dtype=dtype)
+            for (_, _, pos), part in zip(groups, self.backend.gather(futs), strict=True):
+                out[pos] = part
+            return out
+
+        return result
 
 
 def _rows_for(shape, dtype) -> int:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pickle
 import time
-from concurrent.futures import CancelledError
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 __all__ = ["Exchange", "Ranks", "RoundFailed", "combine_in_order", "plan_ranks", "run_round"]

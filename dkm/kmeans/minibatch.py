@@ -2,9 +2,10 @@
 
 Batches are drawn uniformly with replacement over the *global* row index (so they do not
 depend on the chunking) and gathered from the blocks where the data lives, several batches per
-round trip (``prefetch``) so that scheduler latency is paid once per group of batches rather
-than once per step. The center updates are sequential by nature and run in this process on
-the gathered batch (a ``batch_size x k`` GEMM per step).
+round trip (``prefetch``), and the next group is on its way while this one's steps run, so
+that neither the scheduler's latency nor the transfer holds the steps up. The center updates
+are sequential by nature and run in this process on the gathered batch (a ``batch_size x k``
+GEMM per step).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from dkm._parallel import kernels
 from dkm._parallel.blocks import Blocks
@@ -100,6 +102,9 @@ def minibatch(
     n, k = blocks.n, centers.shape[0]
     dtype = blocks.dtype
     rng = np.random.default_rng(seed)
+    # Batches come from a stream of their own, so the next group is drawn (and its rows
+    # fetched) before this group's steps draw their reassignments.
+    batch_rng = np.random.default_rng([seed, 1])
     C = np.asarray(centers, dtype=np.float64).copy()
     counts = np.zeros(k, dtype=np.float64)
     n_steps = max(1, (max_iter * n) // batch_size)
@@ -111,42 +116,57 @@ def minibatch(
     t0 = time.perf_counter()
     step = 0
     queue: list[np.ndarray] = []
-    fetch = 0
-    while step < n_steps:
-        if not queue:
-            m = min(prefetch, n_steps - step)
-            idx = rng.integers(0, n, size=m * batch_size)
-            rows = blocks.take(idx, name=keys("minibatch", "batch", f=fetch)).astype(dtype)
-            fetch += 1
-            queue = [rows[i * batch_size : (i + 1) * batch_size] for i in range(m)]
-        batch = queue.pop(0)
-        since_reassign += batch_size
-        reassign = bool((counts == 0).any() or since_reassign >= 10 * k)
-        if reassign:
-            since_reassign = 0
-        C_old = C.copy() if tol > 0 else None
-        inertia, n_re = minibatch_step(
-            batch, C, counts, rng, reassign, reassignment_ratio, dtype, tiles
-        )
-        inertia /= batch_size
-        hist["batch_inertia"].append(inertia)
-        hist["n_reassigned"].append(n_re)
-        step += 1
-        if step == 1:  # scikit-learn ignores the first step (inertia of the initial centers)
-            hist["ewa_inertia"].append(np.nan)
-            continue
-        ewa = inertia if ewa is None else ewa * (1 - alpha) + inertia * alpha
-        hist["ewa_inertia"].append(ewa)
-        if C_old is not None and float(((C - C_old) ** 2).sum()) <= tol:
-            stopped = "tol"
-            break
-        if ewa_min is None or ewa < ewa_min:
-            no_improve, ewa_min = 0, ewa
-        else:
-            no_improve += 1
-        if max_no_improvement is not None and no_improve >= max_no_improvement:
-            stopped = "no_improvement"
-            break
+    fetched = 0
+
+    def fetch():
+        nonlocal fetched
+        m = min(prefetch, n_steps - fetched * prefetch)
+        if m <= 0:
+            return None
+        idx = batch_rng.integers(0, n, size=m * batch_size)
+        fetched += 1
+        return blocks.take_later(idx, keys("minibatch", "batch", f=fetched - 1), dtype)
+
+    # The steps' GEMMs are small tiles: a multi-threaded BLAS spends more time waking its
+    # threads than computing (a 4096-row step at k = 256 took 36 ms with 2 OpenBLAS threads
+    # beside a busy cluster, 2-3 ms with one), so the steps run it single-threaded.
+    with threadpool_limits(1, user_api="blas"):
+        # Two groups on their way: one fetch takes about as long as a group's steps.
+        coming = [fetch(), fetch()]
+        while step < n_steps:
+            if not queue:
+                rows = coming.pop(0)()
+                coming.append(fetch())
+                m = len(rows) // batch_size
+                queue = [rows[i * batch_size : (i + 1) * batch_size] for i in range(m)]
+            batch = queue.pop(0)
+            since_reassign += batch_size
+            reassign = bool((counts == 0).any() or since_reassign >= 10 * k)
+            if reassign:
+                since_reassign = 0
+            C_old = C.copy() if tol > 0 else None
+            inertia, n_re = minibatch_step(
+                batch, C, counts, rng, reassign, reassignment_ratio, dtype, tiles
+            )
+            inertia /= batch_size
+            hist["batch_inertia"].append(inertia)
+            hist["n_reassigned"].append(n_re)
+            step += 1
+            if step == 1:  # scikit-learn ignores the first step (inertia of the initial centers)
+                hist["ewa_inertia"].append(np.nan)
+                continue
+            ewa = inertia if ewa is None else ewa * (1 - alpha) + inertia * alpha
+            hist["ewa_inertia"].append(ewa)
+            if C_old is not None and float(((C - C_old) ** 2).sum()) <= tol:
+                stopped = "tol"
+                break
+            if ewa_min is None or ewa < ewa_min:
+                no_improve, ewa_min = 0, ewa
+            else:
+                no_improve += 1
+            if max_no_improvement is not None and no_improve >= max_no_improvement:
+                stopped = "no_improvement"
+                break
     log.debug("mini-batch: %d steps in %.3f s (%s)", step, time.perf_counter() - t0, stopped)
     return MiniBatchResult(
         centers=C.astype(dtype),
