@@ -5,7 +5,7 @@ trip of its tasks. A round instead runs one task per worker thread (a *rank*,
 :mod:`dkm._parallel.spmd`) holding that thread's blocks; the ranks all-gather their
 per-block statistics after every pass and each computes the next centres with the client's
 own arithmetic (:mod:`dkm.kmeans._iteration`), combining the blocks in the order the
-client's reduction does. The centres, labels and history are those of the task-by-task loop
+client's reduction does, and choosing plain or pruned passes as the client's loop would. The centres, labels and history are those of the task-by-task loop
 to the last bit. A round lasts about ``dkm.lloyd.round-seconds``; the client then records
 its iterations (checkpoints and progress see every one) and starts the next.
 """
@@ -23,7 +23,8 @@ from dkm._parallel import kernels, spmd
 from dkm._parallel.blocks import Blocks
 from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
-from dkm.kmeans._iteration import _advance, _EmptyHandler, _stopping, objective
+from dkm.kmeans import _hamerly
+from dkm.kmeans._iteration import _advance, _Chooser, _EmptyHandler, _stopping, objective
 
 __all__ = ["Rounds"]
 
@@ -54,6 +55,9 @@ class _Job:
     blocks: tuple[tuple[int, ...], ...]  # the blocks of each rank
     every: int | None  # the client's reduction: None combines all at once, else a tree
     n_tasks: int  # tasks the round submits (recorded on its first iteration)
+    previous: np.ndarray | None  # the centres of the blocks' previous steps (their bounds)
+    prev_pruned: bool  # whether those steps hold Hamerly's bounds
+    chooser: _Chooser  # plain or pruned passes, as the client's loop decides them
 
 
 class _RankEmpty(_EmptyHandler):
@@ -64,15 +68,23 @@ class _RankEmpty(_EmptyHandler):
         super().__init__(job.policy, job.seed, job.n, job.d, job.shift, job.value_range)
         self.job, self.exchange, self.blocks = job, exchange, blocks
         self.ids = job.blocks[rank]
-        self.steps: list = []
+        self.steps: list = []  # this rank's blocks' last steps
+        self.pruned, self.packed = False, None  # whether they hold bounds; their centres
 
     def farthest_parts(self, it: int, done, m: int) -> tuple[list, int]:
         starts = self.job.starts
-        mine = [
-            kernels.farthest_from_step(block, step, m, int(starts[b]))
-            for block, step, b in zip(self.blocks, self.steps, self.ids, strict=True)
-        ]
-        return [part for parts in self.exchange.allgather(mine) for part in parts], 0
+        if self.pruned:  # the bounds kept no distances: another pass, as on the client
+            mine = [
+                kernels.farthest_rows(block, self.packed, m, int(starts[b]), self.job.tiles)
+                for block, b in zip(self.blocks, self.ids, strict=True)
+            ]
+        else:
+            mine = [
+                kernels.farthest_from_step(block, step, m, int(starts[b]))
+                for block, step, b in zip(self.blocks, self.steps, self.ids, strict=True)
+            ]
+        parts = [part for rank_parts in self.exchange.allgather(mine) for part in rank_parts]
+        return parts, int(self.pruned)
 
     def take(self, it: int, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -99,23 +111,35 @@ def _lloyd_rank(name: str, rank: int, n: int, timeout: float, job: _Job, prev, *
     try:
         steps = list(prev["round"][0]) if isinstance(prev, dict) else list(prev)
         handler = _RankEmpty(job, exchange, rank, blocks)
-        C = job.centers
+        C, C_prev = job.centers, job.previous
+        chooser, prev_pruned = job.chooser, job.prev_pruned
         records = []
         raw = None
         for it in range(job.first, job.stop):
             t0 = time.perf_counter()
             packed = kernels.pack_centers(C, job.dtype)
-            steps = [
-                kernels.lloyd_step(block, packed, p, job.tiles)
-                for block, p in zip(blocks, steps, strict=True)
-            ]
+            pruned = chooser.at(it) == "hamerly"
+            if pruned:  # as assign_pass does it
+                had = C_prev is not None and any(p is not None for p in steps)
+                motion = _hamerly.centre_motion(C_prev if had else None, C)
+                steps = [
+                    _hamerly.hamerly_step(block, packed, p, motion, job.tiles)
+                    for block, p in zip(blocks, steps, strict=True)
+                ]
+            else:
+                steps = [
+                    kernels.lloyd_step(block, packed, p, job.tiles)
+                    for block, p in zip(blocks, steps, strict=True)
+                ]
             ordered: list = [None] * len(job.starts)
             gathered = exchange.allgather([s[2] for s in steps])
             for ids, parts in zip(job.blocks, gathered, strict=True):
                 for b, part in zip(ids, parts, strict=True):
                     ordered[b] = part
             totals = spmd.combine_in_order(ordered, kernels.combine_stats, job.every)
-            handler.steps = steps
+            chooser.saw(it, pruned, totals[3], job.n, first_pruned=not prev_pruned)
+            prev_pruned = pruned
+            handler.steps, handler.pruned, handler.packed = steps, pruned, packed
             C_new, raw, record = _advance(it, C, totals, job.sqn, job.dtype, handler, None)
             stopped = _stopping(it, record, job.tol, job.max_iter)
             inertia = objective(job.sqn, C_new, *raw) if stopped == "strict" else None
@@ -123,11 +147,11 @@ def _lloyd_rank(name: str, rank: int, n: int, timeout: float, job: _Job, prev, *
             record["in_round"] = 1
             record["seconds"] = time.perf_counter() - t0
             records.append([C_new, record, stopped, inertia, None])
-            C = C_new
+            C_prev, C = C, C_new
             if stopped is not None:
                 break
         records[-1][4] = raw
-        return steps, (records if rank == 0 else None)
+        return steps, ((records, chooser, prev_pruned) if rank == 0 else None)
     finally:
         exchange.close()
 
@@ -164,14 +188,14 @@ class Rounds:
         self.count = 0  # iterations run in rounds
 
     @classmethod
-    def maybe(cls, blocks: Blocks, assignment: str, part_bytes: int) -> Rounds | None:
+    def maybe(cls, blocks: Blocks, part_bytes: int) -> Rounds | None:
         """Rounds for this fit, or None: off by config, not on a cluster, streamed blocks,
-        pruning asked for, or per-rank statistics above ``dkm.lloyd.round-exchange-bytes``."""
+        or per-rank statistics above ``dkm.lloyd.round-exchange-bytes``."""
         mode = str(config.get("lloyd.rounds"))
         if mode not in ROUND_MODES:
             raise ValueError(f"dkm.lloyd.rounds must be one of {ROUND_MODES}, got {mode!r}")
         be = blocks.backend
-        if mode == "off" or not be.is_distributed or blocks.streamed or assignment == "hamerly":
+        if mode == "off" or not be.is_distributed or blocks.streamed:
             return None
         ranks = spmd.plan_ranks(be, blocks.handles)
         if ranks is None or ranks.n < 1:
@@ -188,8 +212,24 @@ class Rounds:
             return True
         return done_here >= 2 and max(seconds[-2:]) < self.below
 
-    def run(self, it: int, C, prev, max_iter: int, tol: float, handler, sqn: float, keys: Keys):
-        """One round from iteration ``it``: ``(RoundSteps, records)``, or None if it failed."""
+    def run(
+        self,
+        it: int,
+        C: np.ndarray,
+        C_prev: np.ndarray | None,
+        prev,
+        prev_pruned: bool,
+        chooser: _Chooser,
+        max_iter: int,
+        tol: float,
+        handler,
+        sqn: float,
+        keys: Keys,
+    ):
+        """One round from iteration ``it`` (centres ``C``; ``C_prev``, ``prev`` and
+        ``prev_pruned`` describe the blocks' last steps; ``chooser`` picks plain or pruned
+        passes). Returns ``(RoundSteps, records, chooser, prev_pruned)`` as they are after
+        the round, or None if it failed."""
         be, b = self.blocks.backend, self.blocks
         last = max(1e-4, self._iteration_seconds())
         stop = min(max_iter, it + max(2, min(256, int(self.seconds / last))))
@@ -215,6 +255,9 @@ class Rounds:
             self.ranks.blocks,
             every,
             self.ranks.n + 1,
+            None if C_prev is None else np.asarray(C_prev, dtype=np.float64),
+            prev_pruned,
+            chooser,
         )
 
         def per_rank(r: int) -> tuple:
@@ -225,13 +268,14 @@ class Rounds:
         name = keys("lloyd", "round", it=it)
         try:
             futures = spmd.run_round(be, self.ranks, _lloyd_rank, per_rank, name, self.timeout)
-            records = be.gather(be.submit(_rank_records, futures[0], name=f"{name}-records"))
+            got = be.gather(be.submit(_rank_records, futures[0], name=f"{name}-records"))
         except spmd.RoundFailed as err:
             log.warning("Lloyd rounds stopped (%s); the fit goes on task by task", err)
             return None
+        records, chooser, prev_pruned = got
         self.count += len(records)
         self._last = [r[1]["seconds"] for r in records]
-        return RoundSteps(futures, self.ranks, be, keys, it), records
+        return RoundSteps(futures, self.ranks, be, keys, it), records, chooser, prev_pruned
 
     def _iteration_seconds(self) -> float:
         """A rank's iteration time, from the last round (or the fit's last iterations,

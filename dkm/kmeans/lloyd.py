@@ -31,6 +31,7 @@ from dkm.kmeans import _hamerly
 from dkm.kmeans._iteration import (
     HISTORY_KEYS,
     _advance,
+    _Chooser,
     _EmptyHandler,
     _record,
     _stopping,
@@ -56,39 +57,6 @@ EMPTY_POLICIES = ("farthest", "random-point", "random-vector", "zero", "keep")
 # that cannot move ("hamerly"), or whichever of the two is paying off ("auto"); all give the
 # same labels and centres.
 ASSIGNMENTS = ("lloyd", "hamerly", "auto")
-
-
-class _Chooser:
-    """The assignment of each iteration under "auto".
-
-    The pruned pass costs more than the plain one when the bounds keep few rows: its first
-    pass finds the second nearest centre too, it gathers the rows it recomputes, and the
-    "farthest" empty-cluster policy needs another distance pass. With many centres in few
-    dimensions the bounds may keep few rows for a while (Fashion-MNIST 5x5 patches, k=1024:
-    95% of rows recomputed after 25 iterations, while on MNIST patches at the same k, 30%).
-    So "auto" prunes, and when a pruned pass recomputed more than ``worth`` of the rows it
-    runs plain passes for a while (4 iterations, doubling each time) before trying again.
-    """
-
-    worth = 0.8
-
-    def __init__(self, assignment: str):
-        self.fixed = None if assignment == "auto" else assignment
-        self.plain_until = -1
-        self.wait = 4
-
-    def at(self, it: int) -> str:
-        if self.fixed is not None:
-            return self.fixed
-        return "lloyd" if it < self.plain_until else "hamerly"
-
-    def saw(self, it: int, done: _Pass, computed: int, n: int, first_pruned: bool) -> None:
-        """Learn from iteration ``it``'s pass (``first_pruned``: its bounds were new)."""
-        if self.fixed is not None or not done.pruned or first_pruned:
-            return
-        if computed > self.worth * n:
-            self.plain_until = it + 1 + self.wait
-            self.wait *= 2
 
 
 @dataclass
@@ -346,13 +314,15 @@ def lloyd(
             prev = prev.steps
             C_prev = np.asarray(start.previous_centers, dtype=np.float64)
     last = None
-    rounds = Rounds.maybe(blocks, assignment, part_bytes)
+    rounds = Rounds.maybe(blocks, part_bytes)
     done = None
     it = first
     while stopped is None and it < max_iter:
         if rounds is not None and rounds.worth(it - first, hist["seconds"]):
             t0 = time.perf_counter()
-            ran = rounds.run(it, C, prev, max_iter, tol, handler, sqn, keys)
+            ran = rounds.run(
+                it, C, C_prev, prev, prev_pruned, chooser, max_iter, tol, handler, sqn, keys
+            )
             if ran is None:  # the round failed: on task by task, from the same state
                 rounds = None
                 if C_prev is not None:  # the labels of the last iteration, for its moves
@@ -360,7 +330,7 @@ def lloyd(
                     prev = assign_pass(blocks, C_prev, [None] * nb, again, it=it - 1).steps
                 prev_pruned = False
                 continue
-            prev, records = ran
+            prev, records, chooser, prev_pruned = ran
             # The round's own cost (its tasks, the records' trip) is spread over its
             # iterations, so that the history's seconds add up to the wall time.
             spent = time.perf_counter() - t0 - sum(r[1]["seconds"] for r in records)
@@ -373,7 +343,6 @@ def lloyd(
                 if callback is not None:
                     callback(LloydProgress(it + 1, C, C_prev, hist, stopped, inertia))
                 it += 1
-            prev_pruned = False
             done = None
             continue
         t0 = time.perf_counter()
@@ -387,7 +356,7 @@ def lloyd(
             previous_centers=C_prev,
             it=it,
         )
-        chooser.saw(it, done, done.totals[3], blocks.n, first_pruned=not prev_pruned)
+        chooser.saw(it, done.pruned, done.totals[3], blocks.n, first_pruned=not prev_pruned)
         prev_pruned = done.pruned
         C_new, last, record = _advance(it, C, done.totals, sqn, dtype, handler, done)
         prev = done.steps
@@ -415,7 +384,7 @@ def lloyd(
     if isinstance(prev, RoundSteps):
         # Results must never depend on a rank's task: the scheduler cannot run one again
         # alone (it waits for its peers), so labels lost with a worker would never return.
-        prev = [None] * nb
+        prev, prev_pruned = [None] * nb, False
     if stopped == "strict":
         if last is None:  # resumed after it had stopped: only the labels are missing
             final_labels = assign_pass(
