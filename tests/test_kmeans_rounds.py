@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
+from dkm.kmeans import _rounds
 from dkm.kmeans.estimators import KMeans
 
 POLICIES = ["farthest", "random-point", "random-vector", "zero", "keep"]
@@ -86,6 +87,29 @@ def test_auto_starts_rounds_after_short_iterations(client, blobs):
     assert (np.diff(in_round) >= 0).all()
     _assert_same(_fit(x, "off", init="random", max_iter=30), auto)
     assert auto.history_["n_computed"].values[-1] < len(blobs)  # the rounds pruned too
+
+
+def test_once_begun_rounds_go_on_when_iterations_grow_longer(client, blobs, monkeypatch):
+    """Iterations that grow past ``round-below`` after the rounds began stay in rounds: the
+    blocks' last steps are then the ranks' results, which a task-by-task pass cannot read
+    (a dictionary sweep failed at k = 2048 and 8192 with "'RoundSteps' object is not
+    iterable")."""
+    run = _rounds.Rounds.run
+
+    def run_then_slow(self, *args, **kwargs):
+        out = run(self, *args, **kwargs)
+        self.below = 0.0  # every iteration from now on is "long"
+        return out
+
+    monkeypatch.setattr(_rounds.Rounds, "run", run_then_slow)
+    x = da.from_array(blobs, chunks=1_500)
+    auto = _fit(
+        x, "auto", {"dkm.lloyd.round-seconds": "1ms"}, init="random", max_iter=30, algorithm="lloyd"
+    )
+    in_round = auto.history_["in_round"].values
+    assert in_round.sum() > 2 and (np.diff(in_round) >= 0).all()
+    assert (auto.history_["n_tasks"].values[in_round == 1] > 0).sum() > 1  # several rounds
+    _assert_same(_fit(x, "off", init="random", max_iter=30, algorithm="lloyd"), auto)
 
 
 def test_a_failed_round_goes_on_task_by_task_with_the_same_result(client, blobs):

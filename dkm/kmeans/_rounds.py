@@ -5,9 +5,10 @@ trip of its tasks. A round instead runs one task per worker thread (a *rank*,
 :mod:`dkm._parallel.spmd`) holding that thread's blocks; the ranks all-gather their
 per-block statistics after every pass and each computes the next centres with the client's
 own arithmetic (:mod:`dkm.kmeans._iteration`), combining the blocks in the order the
-client's reduction does, and choosing plain or pruned passes as the client's loop would. The centres, labels and history are those of the task-by-task loop
-to the last bit. A round lasts about ``dkm.lloyd.round-seconds``; the client then records
-its iterations (checkpoints and progress see every one) and starts the next.
+client's reduction does, and choosing plain or pruned passes as the client's loop would.
+The centres, labels and history are those of the task-by-task loop to the last bit. A round
+lasts about ``dkm.lloyd.round-seconds``; the client then records its iterations
+(checkpoints and progress see every one) and starts the next.
 """
 
 from __future__ import annotations
@@ -207,8 +208,9 @@ class Rounds:
 
     def worth(self, done_here: int, seconds: list) -> bool:
         """Run the next iterations in a round? Under "auto", once two iterations of this
-        fit were each shorter than ``dkm.lloyd.round-below``."""
-        if self.mode == "always":
+        fit were each shorter than ``dkm.lloyd.round-below``; once begun, to the end (the
+        blocks' last steps are then the ranks', which only a round reads)."""
+        if self.mode == "always" or self.count:
             return True
         return done_here >= 2 and max(seconds[-2:]) < self.below
 
