@@ -29,6 +29,11 @@ class RoundFailed(RuntimeError):
     """A round of rank tasks could not complete (a peer is gone or never started)."""
 
 
+# The sender "rank" of the message that calls a round off: ranks waiting for their peers
+# stop at once instead of holding their worker's thread until the timeout.
+_ABORT = -1
+
+
 class Exchange:
     """All-gather among the ``n`` ranks of one round, through Dask queues.
 
@@ -82,6 +87,8 @@ class Exchange:
                     f"{sorted(missing)} (dkm.lloyd.round-timeout)"
                 ) from err
             r, s, value = pickle.loads(raw)
+            if r == _ABORT:
+                raise RoundFailed(f"rank {self.rank}: the round was called off ({value})")
             if s == seq:
                 out[r] = value
                 missing.discard(r)
@@ -206,6 +213,21 @@ def run_round(
             alive = set(backend._info()["workers"])
             if not set(ranks.workers) <= alive:
                 raise RoundFailed(f"a worker of {name} left during the round")
-    except BaseException:
+    except BaseException as err:
         client.cancel(futures)
+        _call_off(client, name, ranks.n, str(err))
         raise
+
+
+def _call_off(client, name: str, n: int, why: str) -> None:
+    """Tell every rank of a failed round to stop waiting (best effort)."""
+    from distributed import Queue
+
+    payload = pickle.dumps((_ABORT, -1, why), protocol=pickle.HIGHEST_PROTOCOL)
+    for r in range(n):
+        try:
+            q = Queue(f"{name}-{r}", client=client)
+            q.put(payload, timeout=5)
+            q.close()
+        except Exception:  # pragma: no cover - the scheduler is going away
+            pass

@@ -269,7 +269,9 @@ class Rounds:
 
         name = keys("lloyd", "round", it=it)
         try:
-            futures = spmd.run_round(be, self.ranks, _lloyd_rank, per_rank, name, self.timeout)
+            # A peer may be a whole iteration behind: wait at least ten of them.
+            timeout = max(self.timeout, 10 * last)
+            futures = spmd.run_round(be, self.ranks, _lloyd_rank, per_rank, name, timeout)
             got = be.gather(be.submit(_rank_records, futures[0], name=f"{name}-records"))
         except spmd.RoundFailed as err:
             log.warning("Lloyd rounds stopped (%s); the fit goes on task by task", err)
