@@ -223,6 +223,8 @@ def _call_off(client, name: str, n: int, why: str) -> None:
     """Tell every rank of a failed round to stop waiting (best effort)."""
     from distributed import Queue
 
+    if client.status != "running":  # the scheduler is gone, and the ranks with it
+        return
     payload = pickle.dumps((_ABORT, -1, why), protocol=pickle.HIGHEST_PROTOCOL)
     for r in range(n):
         try:
