@@ -210,6 +210,11 @@ class DistributedBackend(Backend):
             return self.client.scheduler_info(n_workers=-1)
         return self.client.scheduler_info()
 
+    def workers(self) -> dict[str, dict]:
+        """The scheduler's record of every connected worker, by address (all of them, not
+        the first few that ``scheduler_info`` lists by default)."""
+        return self._info()["workers"]
+
     def worker_memory(self) -> list[WorkerMemory]:
         """Memory limit, threads and current memory use of every worker.
 

@@ -127,7 +127,7 @@ def plan_ranks(backend, handles: Sequence) -> Ranks | None:
     flight or lost is left to the task-by-task path).
     """
     backend.wait(list(handles))  # blocks being centered are not anywhere yet
-    info = backend._info()["workers"]
+    info = backend.workers()
     who = backend.client.who_has(list(handles))
     by_worker: dict[str, list[int]] = {}
     for i, f in enumerate(handles):
@@ -210,7 +210,7 @@ def run_round(
                 first_done = first_done or now
                 if now - first_done > timeout:
                     raise RoundFailed(f"ranks of {name} did not finish with the others")
-            alive = set(backend._info()["workers"])
+            alive = set(backend.workers())
             if not set(ranks.workers) <= alive:
                 raise RoundFailed(f"a worker of {name} left during the round")
     except BaseException as err:
