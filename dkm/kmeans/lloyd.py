@@ -211,6 +211,17 @@ def assign_pass(
     return _Pass(packed_ref, steps, totals, pruned, be, keys(algorithm, "labels", **counters))
 
 
+def _log_iteration(it: int, record: dict) -> None:
+    log.info(
+        "iteration %d: inertia %.6g shift %.3g moved %d%s",
+        it,
+        record["inertia"],
+        record["center_shift"],
+        record["n_moved"],
+        " (in a round)" if record["in_round"] else "",
+    )
+
+
 def lloyd(
     blocks: Blocks,
     centers: np.ndarray,
@@ -339,6 +350,8 @@ def lloyd(
             for C_new, record, stopped, inertia, raw in records:
                 last = raw
                 _record(hist, record)
+                if verbose:
+                    _log_iteration(it, record)
                 C_prev, C = C, C_new
                 if callback is not None:
                     callback(LloydProgress(it + 1, C, C_prev, hist, stopped, inertia))
@@ -362,13 +375,7 @@ def lloyd(
         prev = done.steps
         record["n_tasks"] = n_tasks
         if verbose:
-            log.info(
-                "iteration %d: inertia %.6g shift %.3g moved %d",
-                it,
-                record["inertia"],
-                record["center_shift"],
-                record["n_moved"],
-            )
+            _log_iteration(it, record)
         C_prev, C = C, C_new
         record["seconds"] = time.perf_counter() - t0
         _record(hist, record)
