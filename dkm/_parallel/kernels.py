@@ -281,45 +281,26 @@ def fused_pass(
     fn = _fused_kernels()
     dtype = np.result_type(x.dtype, packed.dtype)
     rows = min(FUSED_ROWS, n)
-    chunk = int(max(1, min(k, tiles.tile_bytes // (rows * dtype.itemsize))))
-    if k < FUSED_MIN_K:
-        chunk = k  # one row-major GEMM for all the centres (below)
+    # A few centres: one row-major GEMM (rows x centres), as numpy's twin has it, read by the
+    # compiled loop through its transpose (a few cache lines). Else centres x rows, in chunks.
+    row_major = k < FUSED_MIN_K
+    chunk = k if row_major else int(max(1, min(k, tiles.tile_bytes // (rows * dtype.itemsize))))
     neg2c, csq = packed[:-1].T, np.ascontiguousarray(packed[-1])
     buf = np.empty(chunk * rows, dtype=dtype)
     best = np.empty(rows, dtype=dtype)
     nxt = np.empty(rows if second is not None else 0, dtype=dtype)
     no_rows = np.empty(0, dtype=dtype)
     no_sums, no_counts = np.empty((0, d)), np.empty(0, dtype=np.int64)
-    if k < FUSED_MIN_K:
-        # A few centres: the GEMM is row-major (rows x centres), as numpy's twin has it, and
-        # the compiled loop reads the tile through its transpose (a few cache lines).
-        neg2ct = packed[:-1]
-        for s in range(0, n, rows):
-            xt = x[s : s + rows]
-            m = len(xt)
-            dist = np.matmul(xt, neg2ct, out=buf[: m * k].reshape(m, k))
-            fn(
-                dist.T,
-                csq,
-                0,
-                xt,
-                labels[s : s + m],
-                best[:m],
-                nxt[:m] if second is not None else nxt,
-                d2[s : s + m] if d2 is not None else no_rows,
-                second[s : s + m] if second is not None else no_rows,
-                sums if sums is not None else no_sums,
-                counts if counts is not None else no_counts,
-            )
-        return
     for s in range(0, n, rows):
         xt = x[s : s + rows]
         m = len(xt)
         lab = labels[s : s + m]
         for a in range(0, k, chunk):
             kk = min(chunk, k - a)
-            dist = buf[: kk * m].reshape(kk, m)
-            np.matmul(neg2c[a : a + kk], xt.T, out=dist)
+            if row_major:
+                dist = np.matmul(xt, packed[:-1], out=buf[: m * k].reshape(m, k)).T
+            else:
+                dist = np.matmul(neg2c[a : a + kk], xt.T, out=buf[: kk * m].reshape(kk, m))
             last = a + kk == k
             fn(
                 dist,
