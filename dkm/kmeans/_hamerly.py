@@ -52,6 +52,13 @@ def centre_motion(previous: np.ndarray | None, centers: np.ndarray) -> np.ndarra
     return out
 
 
+def motion_since(previous: np.ndarray | None, prev_steps: list, centers: np.ndarray) -> np.ndarray:
+    """:func:`centre_motion` for a pruned pass after ``prev_steps``: from ``previous`` (their
+    centres) when some block has a step to move bounds from, else as a first pass."""
+    had = previous is not None and any(p is not None for p in prev_steps)
+    return centre_motion(previous if had else None, centers)
+
+
 def _unpack_motion(motion: np.ndarray) -> dict | None:
     """The bound updates of :func:`centre_motion`: None when it has no shifts.
 

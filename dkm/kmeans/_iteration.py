@@ -157,9 +157,8 @@ def _advance(it: int, C: np.ndarray, totals: tuple, sqn: float, dtype, handler, 
     ``record`` holding the iteration's history entries but its ``seconds`` and ``n_tasks``.
     """
     sums, counts, moved, computed = totals
-    sums = sums.copy()
-    counts = counts.copy()
-    raw = (sums.copy(), counts.copy())
+    raw = (sums, counts)  # as assigned; the empty-cluster handler changes copies
+    sums, counts = sums.copy(), counts.copy()
     iteration_inertia = objective(sqn, C, *raw)
     empty, fixed, extra = handler.apply(it, C, done, sums, counts)
     C_new = C.copy()

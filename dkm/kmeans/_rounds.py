@@ -120,9 +120,8 @@ def _lloyd_rank(name: str, rank: int, n: int, timeout: float, job: _Job, prev, *
             t0 = time.perf_counter()
             packed = kernels.pack_centers(C, job.dtype)
             pruned = chooser.at(it) == "hamerly"
-            if pruned:  # as assign_pass does it
-                had = C_prev is not None and any(p is not None for p in steps)
-                motion = _hamerly.centre_motion(C_prev if had else None, C)
+            if pruned:
+                motion = _hamerly.motion_since(C_prev, steps, C)
                 steps = [
                     _hamerly.hamerly_step(block, packed, p, motion, job.tiles)
                     for block, p in zip(blocks, steps, strict=True)
@@ -161,18 +160,12 @@ def _rank_records(result):
     return result[1]
 
 
+@dataclass(frozen=True)
 class RoundSteps:
     """The blocks' last steps after a round, held by the ranks' results on the workers: only
     the next round reads them (see :func:`dkm.kmeans.lloyd.lloyd`'s final labels)."""
 
-    def __init__(self, futures: list, ranks: spmd.Ranks, backend, keys: Keys, it: int):
-        self.futures, self.ranks, self.backend, self.keys, self.it = (
-            futures,
-            ranks,
-            backend,
-            keys,
-            it,
-        )
+    futures: list
 
     def for_rank(self, r: int):
         return {"round": self.futures[r]}
@@ -187,6 +180,7 @@ class Rounds:
         self.seconds = config.get_seconds("lloyd.round-seconds")
         self.timeout = config.get_seconds("lloyd.round-timeout")
         self.count = 0  # iterations run in rounds
+        self.last: list[float] = []  # a rank's seconds per iteration in the last round
 
     @classmethod
     def maybe(cls, blocks: Blocks, part_bytes: int) -> Rounds | None:
@@ -278,12 +272,10 @@ class Rounds:
             return None
         records, chooser, prev_pruned = got
         self.count += len(records)
-        self._last = [r[1]["seconds"] for r in records]
-        return RoundSteps(futures, self.ranks, be, keys, it), records, chooser, prev_pruned
+        self.last = [r[1]["seconds"] for r in records]
+        return RoundSteps(futures), records, chooser, prev_pruned
 
     def _iteration_seconds(self) -> float:
-        """A rank's iteration time, from the last round (or the fit's last iterations,
-        which include a round trip each: the first round is short)."""
-        if getattr(self, "_last", None):
-            return float(np.median(self._last))
-        return float(self.below)
+        """A rank's iteration time, from the last round (before the first, ``round-below``:
+        the first round is short)."""
+        return float(np.median(self.last)) if self.last else float(self.below)

@@ -184,8 +184,7 @@ def assign_pass(
     packed_ref = be.share(kernels.pack_centers(C, blocks.dtype))
     pruned = assignment == "hamerly"
     if pruned:
-        had = previous_centers is not None and any(p is not None for p in prev_steps)
-        motion = _hamerly.centre_motion(previous_centers if had else None, C)
+        motion = _hamerly.motion_since(previous_centers, prev_steps, C)
         steps = be.map(
             _hamerly.hamerly_step,
             blocks.handles,
