@@ -17,6 +17,17 @@ import pytest
 from distributed import Client, LocalCluster
 
 
+def assert_same_fit(a, b, history_keys) -> None:
+    """Two KMeans fits with the same centres, labels, inertia, iteration count and
+    ``history_keys`` entries, to the last bit."""
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    np.testing.assert_array_equal(np.asarray(a.labels_), np.asarray(b.labels_))
+    assert a.inertia_ == b.inertia_
+    assert a.n_iter_ == b.n_iter_
+    for key in history_keys:
+        np.testing.assert_array_equal(a.history_[key].values, b.history_[key].values, key)
+
+
 def worker_processes(n_workers: int = 2, memory_limit="auto", **kw) -> LocalCluster:
     """A LocalCluster of single-threaded worker processes on 127.0.0.1 with a memory limit,
     for tests of memory rules (use as a context manager)."""
