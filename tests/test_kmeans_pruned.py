@@ -1,7 +1,7 @@
-"""The fused assignment kernel and the pruned (Hamerly) Lloyd: exact against references.
+"""The fused assignment kernel and the pruned (Hamerly, Yinyang) Lloyd: exact against references.
 
 The fused kernel must give numpy's argmin (first index on ties), the squared distances and
-the float64 per-cluster sums of a plain numpy reference; the pruned Lloyd must give the
+the float64 per-cluster sums of a plain numpy reference; both pruned Lloyds must give the
 plain Lloyd's labels, centres and history to the last bit, under every empty-cluster
 policy, on threads and on worker processes.
 """
@@ -16,10 +16,11 @@ from sklearn.datasets import make_blobs
 
 from dkm._parallel import kernels
 from dkm._parallel.kernels import Tiles
-from dkm.kmeans import _hamerly
+from dkm.kmeans import _hamerly, _yinyang
 from dkm.kmeans.estimators import KMeans
 
 POLICIES = ["farthest", "random-point", "random-vector", "zero", "keep"]
+PRUNED = ["hamerly", "yinyang"]
 
 
 @pytest.fixture(autouse=True)
@@ -142,14 +143,65 @@ def test_bounds_are_bounds():
     assert step[2][3] < len(x)  # some rows were skipped
 
 
-def _fit_pair(X, C0, **kw):
+def test_group_bounds_are_bounds():
+    """After a Yinyang step every row's upper bound is >= its distance to its centre, and
+    each group's lower bound <= its distance to every other centre of that group."""
+    x, _ = make_blobs(6_000, n_features=5, centers=64, random_state=4)
+    x = x.astype(np.float32)
+    rng = np.random.default_rng(5)
+    c0 = x[rng.choice(len(x), 64, replace=False)].astype(np.float64)
+    c1 = (c0 + rng.normal(scale=0.3, size=c0.shape)).astype(np.float32).astype(np.float64)
+    c2 = (c1 + rng.normal(scale=0.05, size=c0.shape)).astype(np.float32).astype(np.float64)
+    tiles = Tiles()
+    step = None
+    for prev_c, c in [(None, c0), (c0, c1), (c1, c2)]:
+        packed = kernels.pack_centers(c, np.dtype(np.float32))
+        motion = _hamerly.centre_motion(prev_c, c, half_gaps=False)
+        step = _yinyang.yinyang_step(x, packed, step, motion, tiles)
+        labels, (upper, lower, _, groups) = step[0], step[1]
+        np.testing.assert_array_equal(labels, _reference(x, c)[0])
+        dist = np.sqrt(((x.astype(np.float64)[:, None, :] - c[None]) ** 2).sum(-1))
+        rows = np.arange(len(x))
+        assert (upper >= dist[rows, labels]).all()
+        dist[rows, labels] = np.inf
+        for g in range(lower.shape[1]):
+            assert (lower[:, g] <= dist[:, groups == g].min(axis=1)).all()
+    assert lower.shape[1] == 4
+    assert step[2][3] < len(x)  # some rows were skipped
+
+
+def test_yinyang_breaks_ties_across_groups_as_the_plain_pass():
+    """Rows exactly half-way between two centres of different groups take the lower index,
+    as numpy's argmin does, whichever group is computed first (integer data: exact ties)."""
+    rng = np.random.default_rng(8)
+    left = rng.integers(-6, 7, size=(15, 2))
+    right = rng.integers(-6, 7, size=(15, 2)) + np.array([100, 0])
+    # Index 0 (group of the right) and 31 (the left) tie at (50, 0); index 1 (the left) and
+    # 30 (the right) tie at (50, 40): one of the two pairs has its lower index in the group
+    # computed last.
+    c = np.vstack([[[60, 0], [40, 40]], left, right, [[60, 40], [40, 0]]]).astype(np.float64)
+    x = np.vstack([np.tile([[50, 0], [50, 40]], (50, 1)), rng.integers(-10, 111, (500, 2))])
+    x = x.astype(np.float32)
+    moved = c + [0, 1] * (np.arange(len(c))[:, None] >= 2)  # all but the first two move
+    step, before = None, None
+    for now in (c, moved, moved):  # a first pass, then pruned ones
+        packed = kernels.pack_centers(now, np.dtype(np.float32))
+        motion = _hamerly.centre_motion(before, now, half_gaps=False)
+        step = _yinyang.yinyang_step(x, packed, step, motion, Tiles())
+        assert len(np.unique(step[1][3][[0, 1, 30, 31]])) == 2  # the pairs span the groups
+        np.testing.assert_array_equal(step[0], _reference(x, now)[0])
+        before = now
+    assert set(step[0][:100]) == {0, 1}
+
+
+def _fit_pair(X, C0, algorithm="hamerly", **kw):
     plain = KMeans(len(C0), init=C0, algorithm="lloyd", **kw).fit(X)
-    pruned = KMeans(len(C0), init=C0, algorithm="hamerly", **kw).fit(X)
+    pruned = KMeans(len(C0), init=C0, algorithm=algorithm, **kw).fit(X)
     return plain, pruned
 
 
-def _assert_identical(plain, pruned):
-    assert pruned.history_.attrs["assignment"] == "hamerly"
+def _assert_identical(plain, pruned, algorithm="hamerly"):
+    assert pruned.history_.attrs["assignment"] == algorithm
     keys = ("inertia", "center_shift", "n_moved", "n_empty", "n_reseeded")
     assert_same_fit(plain, pruned, keys)
 
@@ -161,10 +213,11 @@ def _blobs_and_start(n=40_000, d=8, k=40, seed=0):
     return X, C0
 
 
-def test_pruned_lloyd_is_lloyd_on_threads(threaded_client):
+@pytest.mark.parametrize("algorithm", PRUNED)
+def test_pruned_lloyd_is_lloyd_on_threads(threaded_client, algorithm):
     X, C0 = _blobs_and_start()
-    plain, pruned = _fit_pair(X, C0, tol=0, max_iter=200)
-    _assert_identical(plain, pruned)
+    plain, pruned = _fit_pair(X, C0, algorithm, tol=0, max_iter=200)
+    _assert_identical(plain, pruned, algorithm)
     assert plain.history_.attrs["converged"] == "strict"
     computed = pruned.history_["n_computed"].values
     assert (plain.history_["n_computed"].values == len(X)).all()
@@ -173,32 +226,54 @@ def test_pruned_lloyd_is_lloyd_on_threads(threaded_client):
 
 
 @pytest.mark.slow
-def test_pruned_lloyd_is_lloyd_on_worker_processes(client):
-    X, C0 = _blobs_and_start(n=30_000, k=24, seed=1)
-    plain, pruned = _fit_pair(X, C0, tol=1e-4, max_iter=100)
-    _assert_identical(plain, pruned)
+@pytest.mark.parametrize("algorithm", PRUNED)
+def test_pruned_lloyd_is_lloyd_on_worker_processes(client, algorithm):
+    X, C0 = _blobs_and_start(n=30_000, k=48, seed=1)
+    plain, pruned = _fit_pair(X, C0, algorithm, tol=1e-4, max_iter=100)
+    _assert_identical(plain, pruned, algorithm)
     assert pruned.history_.attrs["backend"] == "distributed"
 
 
+@pytest.mark.parametrize("algorithm", PRUNED)
 @pytest.mark.parametrize("policy", POLICIES)
-def test_pruned_lloyd_is_lloyd_under_every_empty_cluster_policy(threaded_client, policy):
+def test_pruned_lloyd_is_lloyd_under_every_empty_cluster_policy(threaded_client, policy, algorithm):
     X, _ = make_blobs(6_000, n_features=3, centers=6, cluster_std=0.6, random_state=2)
     X = X.astype(np.float32)
-    # Two centres no row picks at first, and a duplicate: clusters go empty.
-    C0 = np.vstack([X[[0, 10, 20, 30, 40, 50]], X[[10]], np.full((2, 3), 500.0)])
+    # Centres no row picks at first (far away, several groups of them for Yinyang), and a
+    # duplicate: clusters go empty.
+    far = 500.0 + 50 * np.arange(30, dtype=np.float64)[:, None] * np.ones((1, 3))
+    C0 = np.vstack([X[[0, 10, 20, 30, 40, 50]], X[[10]], far[:2 if algorithm == "hamerly" else 30]])
     plain, pruned = _fit_pair(
-        X, C0.astype(np.float64), tol=0, max_iter=60, empty_cluster=policy, random_state=3
-    )
-    _assert_identical(plain, pruned)
+        X, C0.astype(np.float64), algorithm, tol=0, max_iter=60, empty_cluster=policy,
+        random_state=3,
+    )  # fmt: skip
+    _assert_identical(plain, pruned, algorithm)
     assert plain.history_["n_empty"].values[0] >= 2
 
 
-def test_pruned_lloyd_on_float64_data_with_large_offsets(threaded_client):
+@pytest.mark.parametrize("algorithm", PRUNED)
+def test_pruned_lloyd_on_float64_data_with_large_offsets(threaded_client, algorithm):
     """Rows far from the origin: the rounding margins must keep the pruning exact."""
-    X, C0 = _blobs_and_start(n=20_000, d=5, k=30, seed=4)
+    X, C0 = _blobs_and_start(n=20_000, d=5, k=40, seed=4)
     X = X.astype(np.float64) + 1e4
-    plain, pruned = _fit_pair(X, C0 + 1e4, tol=0, max_iter=80, dtype=np.float64)
-    _assert_identical(plain, pruned)
+    plain, pruned = _fit_pair(X, C0 + 1e4, algorithm, tol=0, max_iter=80, dtype=np.float64)
+    _assert_identical(plain, pruned, algorithm)
+
+
+def test_yinyang_is_lloyd_on_duplicate_rows_near_ties_and_many_groups(threaded_client):
+    """Image patches: most rows are one repeated (blank) patch with a centre exactly on it,
+    others sit half-way between two centres (exact ties), and 8 groups of centres. Their
+    races are decided from each centre's own rounding bound, or in full when too close."""
+    rng = np.random.default_rng(7)
+    strokes = rng.integers(0, 3, size=(4_000, 9)).astype(np.float32) / 255 * 40
+    X = np.vstack([np.zeros((6_000, 9), np.float32), strokes])
+    C0 = np.vstack([np.zeros((1, 9)), strokes[:159].astype(np.float64)])
+    X[-200:] = (C0[5] + C0[6]) / 2  # exact ties between centres 5 and 6
+    assert _yinyang.n_groups(len(C0)) == 8
+    plain, pruned = _fit_pair(X, C0, "yinyang", tol=0, max_iter=40)
+    _assert_identical(plain, pruned, "yinyang")
+    # The blank rows settle on their centre and stay skipped.
+    assert pruned.history_["n_computed"].values[-1] < 0.5 * len(X)
 
 
 def test_auto_switches_between_plain_and_pruned_passes_and_stays_exact(threaded_client):

@@ -60,9 +60,10 @@ class Tiles:
 ROW_WORK_BYTES = 64
 # Per row kept on the workers between tasks while a fit runs, whatever the block size: the
 # last two Lloyd passes' labels and squared distances (int32 + float32 each), or the pruned
-# Lloyd's labels, two float32 bounds and the row norm (updated in place) and the rows it
-# recomputes (int32), or the running minimum of k-means|| (float64, previous and current).
-ROW_STATE_BYTES = 20
+# Lloyd's labels, float32 upper bound and row norm and its lower bounds (updated in place):
+# one for Hamerly's, one per group of centres for Yinyang's (at most 8: 44 bytes in all),
+# or the running minimum of k-means|| (float64, previous and current).
+ROW_STATE_BYTES = 44
 
 
 def task_fixed_bytes(tiles: Tiles) -> int:

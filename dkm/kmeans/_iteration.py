@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from dkm.kmeans import _hamerly, _yinyang
 from dkm.kmeans.init import uniform_vectors
+
+# The pruned assignments and the block step each runs (the plain one is "lloyd").
+PRUNED_STEPS = {"hamerly": _hamerly.hamerly_step, "yinyang": _yinyang.yinyang_step}
+# From this many centres "auto" prunes with group bounds: Hamerly's single bound drops by
+# the largest of all centres' shifts, which with many centres keeps few rows.
+YINYANG_MIN_K = 512
 
 
 class _Chooser:
@@ -21,21 +28,23 @@ class _Chooser:
     "farthest" empty-cluster policy needs another distance pass. With many centres in few
     dimensions the bounds may keep few rows for a while (Fashion-MNIST 5x5 patches, k=1024:
     95% of rows recomputed after 25 iterations, while on MNIST patches at the same k, 30%).
-    So "auto" prunes, and when a pruned pass recomputed more than ``worth`` of the rows it
+    So "auto" prunes (Hamerly's bounds below :data:`YINYANG_MIN_K` centres, Yinyang's group
+    bounds from there), and when a pruned pass recomputed more than ``worth`` of the rows it
     runs plain passes for a while (4 iterations, doubling each time) before trying again.
     """
 
     worth = 0.8
 
-    def __init__(self, assignment: str):
+    def __init__(self, assignment: str, k: int):
         self.fixed = None if assignment == "auto" else assignment
+        self.pruned = "yinyang" if k >= YINYANG_MIN_K else "hamerly"
         self.plain_until = -1
         self.wait = 4
 
     def at(self, it: int) -> str:
         if self.fixed is not None:
             return self.fixed
-        return "lloyd" if it < self.plain_until else "hamerly"
+        return "lloyd" if it < self.plain_until else self.pruned
 
     def saw(self, it: int, pruned: bool, computed: int, n: int, first_pruned: bool) -> None:
         """Learn from iteration ``it``'s pass (``pruned``: it kept bounds; ``first_pruned``:

@@ -25,7 +25,14 @@ from dkm._parallel.blocks import Blocks
 from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
 from dkm.kmeans import _hamerly
-from dkm.kmeans._iteration import _advance, _Chooser, _EmptyHandler, _stopping, objective
+from dkm.kmeans._iteration import (
+    PRUNED_STEPS,
+    _advance,
+    _Chooser,
+    _EmptyHandler,
+    _stopping,
+    objective,
+)
 
 __all__ = ["Rounds"]
 
@@ -57,7 +64,7 @@ class _Job:
     every: int | None  # the client's reduction: None combines all at once, else a tree
     n_tasks: int  # tasks the round submits (recorded on its first iteration)
     previous: np.ndarray | None  # the centres of the blocks' previous steps (their bounds)
-    prev_pruned: bool  # whether those steps hold Hamerly's bounds
+    prev_pruned: bool  # whether those steps hold bounds
     chooser: _Chooser  # plain or pruned passes, as the client's loop decides them
 
 
@@ -119,11 +126,13 @@ def _lloyd_rank(name: str, rank: int, n: int, timeout: float, job: _Job, prev, *
         for it in range(job.first, job.stop):
             t0 = time.perf_counter()
             packed = kernels.pack_centers(C, job.dtype)
-            pruned = chooser.at(it) == "hamerly"
+            assignment = chooser.at(it)
+            step = PRUNED_STEPS.get(assignment)
+            pruned = step is not None
             if pruned:
-                motion = _hamerly.motion_since(C_prev, steps, C)
+                motion = _hamerly.motion_since(C_prev, steps, C, assignment)
                 steps = [
-                    _hamerly.hamerly_step(block, packed, p, motion, job.tiles)
+                    step(block, packed, p, motion, job.tiles)
                     for block, p in zip(blocks, steps, strict=True)
                 ]
             else:

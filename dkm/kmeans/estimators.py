@@ -271,16 +271,20 @@ class KMeans(_KMeansBase):
     ----------
     n_clusters : int, default 8
         Number of clusters.
-    algorithm : {"auto", "lloyd", "hamerly"}, default "auto"
+    algorithm : {"auto", "lloyd", "hamerly", "yinyang"}, default "auto"
         How each iteration finds every row's nearest centre. "lloyd" computes every
         distance; "hamerly" keeps two distance bounds per row on the workers (8 bytes) and
-        skips the rows that cannot change centre, computing distances only for the rest.
-        Both give the same labels, centres and history to the last bit (a row is skipped
-        only when its bounds clear the float rounding of the distances); "hamerly" is
-        faster once most rows have settled, slower while most rows still move near
-        boundaries (many centres in few dimensions). "auto" prunes while the bounds keep
-        at least a fifth of the rows and runs plain iterations otherwise, trying again
-        after 4, 8, 16... of them.
+        skips the rows that cannot change centre, computing distances only for the rest;
+        "yinyang" splits the centres into up to 8 groups of nearby centres and keeps one
+        lower bound per row and group (up to 36 bytes per row): a row computes distances
+        only to the groups whose bound it does not clear, and a group's bound drops only by
+        its own centres' largest shift, so it prunes far more than "hamerly" with hundreds
+        of centres or more. All give the same labels, centres and history to the last bit
+        (a distance is skipped only when the bounds clear the float rounding of the
+        distances); pruning is faster once most rows have settled, slower while most rows
+        still move near boundaries. "auto" prunes ("hamerly" below 512 centres, "yinyang"
+        from there) while the bounds keep at least a fifth of the rows, and runs plain
+        iterations otherwise, trying again after 4, 8, 16... of them.
     init : {"k-means||", "k-means++", "random", "sample", "uniform"} or array of shape (k, d)
         "k-means||": Bahmani et al. scalable k-means++ (``init_max_iter`` rounds of
         ``oversampling_factor * k`` samples, weighted reclustering), chunking independent.

@@ -30,6 +30,7 @@ from dkm._parallel.keys import Keys
 from dkm.kmeans import _hamerly
 from dkm.kmeans._iteration import (
     HISTORY_KEYS,
+    PRUNED_STEPS,
     _advance,
     _Chooser,
     _EmptyHandler,
@@ -53,10 +54,10 @@ __all__ = [
 log = logging.getLogger("dkm")
 
 EMPTY_POLICIES = ("farthest", "random-point", "random-vector", "zero", "keep")
-# How an iteration assigns rows: every distance ("lloyd"), or Hamerly's bounds skip the rows
-# that cannot move ("hamerly"), or whichever of the two is paying off ("auto"); all give the
-# same labels and centres.
-ASSIGNMENTS = ("lloyd", "hamerly", "auto")
+# How an iteration assigns rows: every distance ("lloyd"), or bounds skip the rows that
+# cannot move -- Hamerly's one bound per row ("hamerly") or one per group of centres
+# ("yinyang") -- or whichever is paying off ("auto"); all give the same labels and centres.
+ASSIGNMENTS = ("lloyd", "hamerly", "yinyang", "auto")
 
 
 @dataclass
@@ -168,9 +169,10 @@ def assign_pass(
         ``counters`` (e.g. ``it=3``) keeping them unique.
     tiles : Tiles, optional
         Kernel tile sizes (default: from dask config).
-    assignment : {"lloyd", "hamerly"}
-        Compute every distance, or skip the rows Hamerly's bounds keep where they are (the
-        first pruned pass after plain ones computes every distance and sets the bounds).
+    assignment : {"lloyd", "hamerly", "yinyang"}
+        Compute every distance, or skip the rows (and the groups of centres) the bounds show
+        cannot be nearer (the first pruned pass after plain ones computes every distance and
+        sets the bounds).
     previous_centers : ndarray (k, d), optional
         The centres of ``prev_steps`` (the pruned pass moves their bounds by the shift).
 
@@ -182,11 +184,12 @@ def assign_pass(
     tiles = tiles or Tiles.from_config()
     part_bytes = C.shape[0] * (blocks.d + 1) * 8
     packed_ref = be.share(kernels.pack_centers(C, blocks.dtype))
-    pruned = assignment == "hamerly"
+    step = PRUNED_STEPS.get(assignment)
+    pruned = step is not None
     if pruned:
-        motion = _hamerly.motion_since(previous_centers, prev_steps, C)
+        motion = _hamerly.motion_since(previous_centers, prev_steps, C, assignment)
         steps = be.map(
-            _hamerly.hamerly_step,
+            step,
             blocks.handles,
             [packed_ref] * nb,
             prev_steps,
@@ -266,10 +269,11 @@ def lloyd(
     value_range : (float, float), optional
         ``(lo, hi)`` of the "random-vector" policy in data coordinates (default: the data's
         global [min, max], :func:`dkm.kmeans.init.data_range`).
-    assignment : {"lloyd", "hamerly", "auto"}
-        Compute every distance each iteration, or keep Hamerly's distance bounds per row on
-        the workers and skip the rows that cannot change centre, or prune while it pays
-        (:class:`_Chooser`). The labels, centres and history are the same either way.
+    assignment : {"lloyd", "hamerly", "yinyang", "auto"}
+        Compute every distance each iteration, or keep distance bounds per row on the
+        workers (Hamerly's, or Yinyang's per group of centres) and skip the distances that
+        cannot win, or prune while it pays (:class:`_Chooser`). The labels, centres and
+        history are the same either way.
 
     Returns
     -------
@@ -294,7 +298,7 @@ def lloyd(
     n_tasks = 2 * nb + blocks.backend.reduce_tasks(nb, part_bytes)
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
-    chooser = _Chooser(assignment)
+    chooser = _Chooser(assignment, k)
     prev_pruned = False  # whether the steps in ``prev`` hold bounds
     prev: list = [None] * nb  # the previous pass's steps, kept on the workers
     C_prev = None
