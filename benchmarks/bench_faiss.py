@@ -32,11 +32,11 @@ they are imported and called once before the cluster starts, because starting a 
 sets ``OMP_NUM_THREADS=1`` in this process and an OpenMP runtime initialised after that runs
 on one thread.
 
-When dkm's ``KMeans`` takes ``algorithm`` ("lloyd", "hamerly"), the per-iteration rows use
-"lloyd" and each workload also runs a converged fit (``tol=1e-4``, at most 300 iterations or
-what ``--conv-budget`` seconds of plain Lloyd allow) with both, on threads. Finally the peak
-memory (RSS of this process, sampled every 50 ms) of a threaded dkm fit on the patches is
-given relative to the data's size.
+The per-iteration rows use ``algorithm="lloyd"``, and each workload also runs a converged
+fit (``tol=1e-4``, at most 300 iterations or what ``--conv-budget`` seconds of plain Lloyd
+allow) with "lloyd", "hamerly" and "yinyang", on threads ("auto" prunes with one of the two
+by k). Finally the peak memory (RSS of this process, sampled every 50 ms) of a threaded dkm
+fit on the patches, plain and with each pruning, is given relative to the data's size.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from sklearn.cluster import KMeans as SkKMeans  # isort: skip
 from sklearn.cluster import kmeans_plusplus  # isort: skip
 
 import dkm  # isort: skip
+from dkm.kmeans._iteration import _Chooser  # isort: skip
 
 REPO = Path(__file__).resolve().parents[1]
 TOL_CONVERGED = 1e-4
@@ -264,6 +265,7 @@ def memory_of_fit(w: Workload, k: int, n: int, algo: dict) -> dict:
     return dict(
         data=w.label,
         k=k,
+        algorithm=algo.get("algorithm", "default"),
         data_gib=data / 2**30,
         before=before / 2**30,
         peak=mem.peak / 2**30,
@@ -330,12 +332,17 @@ def per_iteration(w: Workload, k: int, n: int, reps: int, modes, algo: dict) -> 
     return row
 
 
+PRUNED = ("hamerly", "yinyang")
+
+
 def converged(w: Workload, k: int, sec_it: float, budget: float, reps: int) -> dict:
-    """Lloyd against Hamerly to convergence (``tol=1e-4``), threads, the same iteration cap."""
+    """Lloyd against the pruned passes to convergence (``tol=1e-4``), threads, the same
+    iteration cap; "auto" prunes with the one :class:`dkm.kmeans._iteration._Chooser` picks."""
     cap = int(min(300, max(5, budget / sec_it)))
-    got = {"lloyd": [], "hamerly": []}
+    algos = ("lloyd", *PRUNED)
+    got = {algo: [] for algo in algos}
     for r in range(reps):
-        for algo in ("lloyd", "hamerly") if r % 2 == 0 else ("hamerly", "lloyd"):
+        for algo in algos[r % 3 :] + algos[: r % 3]:
             est, wall = dkm_fit(
                 w.zpath, w.centres[k], True, max_iter=cap, tol=TOL_CONVERGED, algorithm=algo
             )
@@ -351,8 +358,13 @@ def converged(w: Workload, k: int, sec_it: float, budget: float, reps: int) -> d
         row[f"{algo}_it"] = est.n_iter_
         row[f"{algo}_conv"] = est.history_.attrs.get("converged")  # strict, tol or max_iter
         row[f"{algo}_inertia"] = est.inertia_
-    row["speedup"] = row["lloyd_s"] / row["hamerly_s"]
-    row["inertia_rel"] = row["hamerly_inertia"] / row["lloyd_inertia"] - 1
+    for algo in PRUNED:
+        row[f"{algo}_speedup"] = row["lloyd_s"] / row[f"{algo}_s"]
+    row["auto"] = _Chooser("auto", k).pruned
+    row["auto_speedup"] = row[f"{row['auto']}_speedup"]
+    row["inertia_rel"] = max(
+        abs(row[f"{algo}_inertia"] / row["lloyd_inertia"] - 1) for algo in PRUNED
+    )
     return row
 
 
@@ -371,11 +383,12 @@ def warm_up() -> None:
 
 
 def pruning_available() -> tuple[bool, str]:
-    """Whether this dkm's KMeans takes ``algorithm="hamerly"``."""
+    """Whether this dkm's KMeans takes the pruned ``algorithm`` values."""
     x = np.random.default_rng(1).random((500, 4), dtype=np.float32)
     try:
         with dask.config.set(scheduler="threads"):
-            dkm.KMeans(3, init=x[:3], max_iter=3, algorithm="hamerly").fit(x)
+            for algo in PRUNED:
+                dkm.KMeans(3, init=x[:3], max_iter=3, algorithm=algo).fit(x)
     except (TypeError, ValueError) as err:
         return False, f"{type(err).__name__}: {err}"
     return True, ""
@@ -541,9 +554,11 @@ CONV_COLS = [
     "lloyd_it",
     "lloyd_conv",
     "hamerly_s",
-    "hamerly_it",
-    "hamerly_conv",
-    "speedup",
+    "yinyang_s",
+    "hamerly_speedup",
+    "yinyang_speedup",
+    "auto",
+    "auto_speedup",
     "inertia_rel",
 ]
 CONV_HEADS = [
@@ -551,18 +566,21 @@ CONV_HEADS = [
     "k",
     "max_iter",
     "lloyd s",
-    "lloyd iters",
+    "iters",
     "stopped by",
     "hamerly s",
-    "hamerly iters",
-    "stopped by",
+    "yinyang s",
     "lloyd / hamerly",
-    "inertia hamerly / lloyd - 1",
+    "lloyd / yinyang",
+    "auto prunes with",
+    "lloyd / auto",
+    "max abs inertia pruned / lloyd - 1",
 ]
-MEM_COLS = ["data", "k", "data_gib", "before", "peak", "peak_data", "extra_data"]
+MEM_COLS = ["data", "k", "algorithm", "data_gib", "before", "peak", "peak_data", "extra_data"]
 MEM_HEADS = [
     "data",
     "k",
+    "algorithm",
     "data GiB",
     "RSS before GiB",
     "peak RSS GiB",
@@ -583,7 +601,7 @@ def report(header, iter_rows, conv_rows, mem_rows, pruning_note, args) -> str:
         "",
         fmt_table(iter_rows, CHECK_COLS, CHECK_HEADS),
     ]
-    out += ["", f"### dkm end to end, tol={TOL_CONVERGED:g}, threads: Lloyd against Hamerly", ""]
+    out += ["", f"### dkm end to end, tol={TOL_CONVERGED:g}, threads: Lloyd against pruning", ""]
     out.append(fmt_table(conv_rows, CONV_COLS, CONV_HEADS) if conv_rows else pruning_note)
     if mem_rows:
         out += [
@@ -662,7 +680,9 @@ def main(argv=None):
             for k in ks:
                 n = iterations_for(k, w.name, args.quick, args.iters)
                 if w.name == "patches" and not mem_rows:
-                    mem_rows.append(memory_of_fit(w, k, n, algo))
+                    pruned = [{"algorithm": a} for a in PRUNED] if args.pruning else []
+                    for a in (algo, *pruned):
+                        mem_rows.append(memory_of_fit(w, k, n, a))
                     print(fmt_table(mem_rows, MEM_COLS, MEM_HEADS), flush=True)
                 row = per_iteration(w, k, n, reps_for(k, args), modes, algo)
                 iter_rows.append(row)

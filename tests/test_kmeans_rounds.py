@@ -68,6 +68,17 @@ def test_rounds_equal_the_task_by_task_loop_under_every_empty_policy(
     _assert_same(plain, rounds)
 
 
+def test_rounds_run_yinyang_passes_like_the_task_by_task_loop(client, blobs):
+    """Many centres (4 groups of them): the ranks keep the group bounds between rounds."""
+    params = {"n_clusters": 64, "init": "k-means++", "max_iter": 30, "algorithm": "yinyang"}
+    x = da.from_array(blobs, chunks=3_000)
+    plain = _fit(x, "off", **params)
+    rounds = _fit(x, "always", **params)
+    assert rounds.history_["in_round"].values.all()
+    assert rounds.history_["n_computed"].values[-1] < 0.5 * len(blobs)
+    _assert_same(plain, rounds)
+
+
 def test_rounds_combine_like_the_tree_reduction(client, blobs):
     x = da.from_array(blobs, chunks=1_000)  # 12 blocks: a tree of two levels with fan-in 8
     tree = {"dkm.backend.client-reduce-bytes": 0}
