@@ -98,6 +98,27 @@ def test_fused_step_equals_the_numpy_step_to_the_bit(n, d, k):
     np.testing.assert_allclose(fused[1], plain[1], rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("n_centres", [10, 40])  # rows x centres GEMM; centres x rows
+def test_a_rows_distances_do_not_depend_on_the_rows_beside_it(n_centres):
+    """The pruned passes recompute a few gathered rows and must get the plain pass's bits.
+    BLAS takes another path for a GEMM of a few rows (784 features: the distances of one row
+    alone differed in the 5th digit), so every tile is computed at full height."""
+    rng = np.random.default_rng(11)
+    x = rng.random((700, 784), dtype=np.float32) - 0.5
+    packed = kernels.pack_centers(x[:n_centres].astype(np.float64), np.dtype(np.float32))
+
+    def run(rows):
+        out = np.empty(len(rows), np.int32), np.empty(len(rows), np.float32)
+        second = np.empty(len(rows), np.float32)
+        kernels.fused_pass(rows, packed, Tiles(), out[0], d2=out[1], second=second)
+        return out[0], out[1], second
+
+    whole = run(x)
+    for pick in ([5], [650, 3], rng.choice(700, 97, replace=False)):
+        for a, b in zip(run(x[pick]), whole, strict=True):
+            np.testing.assert_array_equal(a, b[pick])
+
+
 def test_farthest_from_the_step_equals_a_distance_pass():
     x, _ = make_blobs(5_000, n_features=4, centers=6, random_state=3)
     x = x.astype(np.float32)

@@ -14,7 +14,9 @@ way. ``||x||^2`` is constant per row and never needed for the argmin.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -281,13 +283,18 @@ def fused_pass(
         return
     fn = _fused_kernels()
     dtype = np.result_type(x.dtype, packed.dtype)
-    rows = min(FUSED_ROWS, n)
+    # Every GEMM is FUSED_ROWS rows high, the last tile padded: OpenBLAS computes a GEMM of a
+    # few rows another way (784 features: a row's distances alone differed in the 5th
+    # digit), and the pruned passes recompute a few gathered rows that must get the bits
+    # this pass gets for them among their neighbours.
+    rows = FUSED_ROWS
     # A few centres: one row-major GEMM (rows x centres), as numpy's twin has it, read by the
     # compiled loop through its transpose (a few cache lines). Else centres x rows, in chunks.
     row_major = k < FUSED_MIN_K
     chunk = k if row_major else int(max(1, min(k, tiles.tile_bytes // (rows * dtype.itemsize))))
     neg2c, csq = packed[:-1].T, np.ascontiguousarray(packed[-1])
     buf = np.empty(chunk * rows, dtype=dtype)
+    pad = np.zeros((rows, d), dtype=x.dtype) if n % rows else None
     best = np.empty(rows, dtype=dtype)
     nxt = np.empty(rows if second is not None else 0, dtype=dtype)
     no_rows = np.empty(0, dtype=dtype)
@@ -296,12 +303,18 @@ def fused_pass(
         xt = x[s : s + rows]
         m = len(xt)
         lab = labels[s : s + m]
+        full = xt
+        if m < rows:
+            pad[:m] = xt
+            full = pad
         for a in range(0, k, chunk):
             kk = min(chunk, k - a)
             if row_major:
-                dist = np.matmul(xt, packed[:-1], out=buf[: m * k].reshape(m, k)).T
+                dist = np.matmul(full, packed[:-1], out=buf[: rows * k].reshape(rows, k)).T
             else:
-                dist = np.matmul(neg2c[a : a + kk], xt.T, out=buf[: kk * m].reshape(kk, m))
+                dist = np.matmul(neg2c[a : a + kk], full.T, out=buf[: kk * rows].reshape(kk, rows))
+            if m < rows:
+                dist = dist[:, :m]
             last = a + kk == k
             fn(
                 dist,
@@ -390,6 +403,31 @@ def _fused_kernels():
         _sqnorm = numba.njit(fastmath={"reassoc"}, nogil=True, cache=True)(_sqnorm_py)
         _FUSED = numba.njit(nogil=True, cache=True)(_fused_py)
     return _FUSED
+
+
+class LazyKernels:
+    """Numba twins of plain-Python kernels, compiled on the first call of this object.
+
+    numba is imported only then: a worker too small for its compiler (:func:`use_numba`)
+    never loads it. ``build`` returns the compiled kernels (see :func:`jit_all`).
+    """
+
+    def __init__(self, build: Callable[[], SimpleNamespace]):
+        self._build, self._built = build, None
+
+    def __call__(self) -> SimpleNamespace:
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+
+def jit_all(*functions: Callable) -> SimpleNamespace:
+    """Each ``_name_py`` function compiled (no fast-math, releasing the GIL, cached on disk),
+    as attribute ``name``."""
+    import numba
+
+    jit = numba.njit(nogil=True, cache=True)
+    return SimpleNamespace(**{f.__name__.strip("_").removesuffix("_py"): jit(f) for f in functions})
 
 
 def use_numba(tiles: Tiles, memory_limit: float | None = None) -> bool:

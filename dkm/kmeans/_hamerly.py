@@ -20,7 +20,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from dkm._parallel.kernels import Tiles, fused_pass, lloyd_step, load, use_numba
+from dkm._parallel.kernels import (
+    LazyKernels,
+    Tiles,
+    fused_pass,
+    jit_all,
+    lloyd_step,
+    load,
+    use_numba,
+)
 
 # Rows recomputed per gather: bounds the copy of the rows the bounds could not keep.
 _RECOMPUTE_ROWS = 65536
@@ -290,23 +298,6 @@ def _accumulate_py(x, labels, sums):  # pragma: no cover - numba
             sums[lab, f] += x[i, f]
 
 
-class _Compiled:
-    def __init__(self):
-        import numba
-
-        jit = numba.njit(nogil=True, cache=True)
-        self.norms = jit(_norms_py)
-        self.bounds = jit(_bounds_py)
-        self.scan = jit(_scan_py)
-        self.accumulate = jit(_accumulate_py)
-        self.nearest_other = jit(_nearest_other_py)
-
-
-_COMPILED: _Compiled | None = None
-
-
-def _kernels() -> _Compiled:
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = _Compiled()
-    return _COMPILED
+_kernels = LazyKernels(
+    lambda: jit_all(_norms_py, _bounds_py, _scan_py, _accumulate_py, _nearest_other_py)
+)
