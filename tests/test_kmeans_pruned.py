@@ -281,18 +281,19 @@ def test_pruned_lloyd_on_float64_data_with_large_offsets(threaded_client, algori
     _assert_identical(plain, pruned, algorithm)
 
 
-def test_yinyang_is_lloyd_on_duplicate_rows_near_ties_and_many_groups(threaded_client):
+@pytest.mark.parametrize("algorithm", PRUNED)
+def test_pruned_lloyd_is_lloyd_on_duplicate_rows_and_near_ties(threaded_client, algorithm):
     """Image patches: most rows are one repeated (blank) patch with a centre exactly on it,
-    others sit half-way between two centres (exact ties), and 8 groups of centres. Their
-    races are decided from each centre's own rounding bound, or in full when too close."""
+    others sit half-way between two centres (exact ties); Yinyang has 8 groups of centres.
+    The races are decided from each centre's own rounding bound, or in full when too close."""
     rng = np.random.default_rng(7)
     strokes = rng.integers(0, 3, size=(4_000, 9)).astype(np.float32) / 255 * 40
     X = np.vstack([np.zeros((6_000, 9), np.float32), strokes])
     C0 = np.vstack([np.zeros((1, 9)), strokes[:159].astype(np.float64)])
     X[-200:] = (C0[5] + C0[6]) / 2  # exact ties between centres 5 and 6
     assert _yinyang.n_groups(len(C0)) == 8
-    plain, pruned = _fit_pair(X, C0, "yinyang", tol=0, max_iter=40)
-    _assert_identical(plain, pruned, "yinyang")
+    plain, pruned = _fit_pair(X, C0, algorithm, tol=0, max_iter=40)
+    _assert_identical(plain, pruned, algorithm)
     # The blank rows settle on their centre and stay skipped.
     assert pruned.history_["n_computed"].values[-1] < 0.5 * len(X)
 

@@ -10,10 +10,11 @@ computed for it. Only the other rows go through the fused distance kernel.
 "Exactly Lloyd's" is meant to the last bit: the plain loop picks the argmin of *float*
 distances in expanded form, which can differ from the true nearest centre when two centres
 are nearly equally far. A row is therefore skipped only when the squared-distance gap
-exceeds twice the rounding error bound of that expanded form
-(``(d + 2) eps (||x|| + max ||c||)^2``); the rows that are recomputed go through the same
-kernel as the plain loop; and the per-cluster sums add every row in row order, as the plain
-loop does. A test pins the equality of labels and centres at every iteration.
+exceeds the rounding error bounds of that expanded form for its centre and the others
+(``(d + 2) eps (||x|| + ||c||)^2``, with the centre's own norm, or the largest); the rows
+that are recomputed go through the same kernel as the plain loop; and the per-cluster sums
+add every row in row order, as the plain loop does. A test pins the equality of labels and
+centres at every iteration.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
     sums = np.zeros((k, d), dtype=np.float64)
     cmax = float(motion[2, 0])
     update = _unpack_motion(motion)
+    centers = packed[:-1].T.astype(np.float64) * -0.5  # exact: -2 c was exact
+    cnorm = np.sqrt((centers * centers).sum(axis=1)) * (1 + _SLACK)
     if prev is None or update is None or not _holds_bounds(prev[1]):
         labels = np.empty(n, dtype=np.int32)
         d2 = np.empty(n, dtype=x.dtype)
@@ -173,7 +176,7 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
         upper, lower = np.empty(n, np.float32), np.empty(n, np.float32)
         norms = np.empty(n, np.float32)
         _kernels().norms(x, _SLACK, norms)
-        _kernels().bounds(norms, d2, second, eps, cmax, _SLACK, upper, lower)
+        _kernels().bounds(norms, labels, d2, second, eps, cnorm, cmax, _SLACK, upper, lower)
         counts = np.bincount(labels, minlength=k).astype(np.int64)
         moved = n if prev is None else int(np.count_nonzero(labels != prev[0]))
         return labels, (upper, lower, norms), (sums, counts, moved, n)
@@ -183,7 +186,6 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
     # twice that while a step runs.
     labels = prev[0]
     upper, lower, norms = prev[1]
-    centers = packed[:-1].T.astype(np.float64) * -0.5  # exact: -2 c was exact
     todo = np.empty(n, dtype=np.int32)
     m = _kernels().scan(
         x,
@@ -196,6 +198,7 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
         update["first"],
         update["second"],
         update["half_gap"],
+        cnorm,
         cmax,
         eps,
         _SLACK,
@@ -213,7 +216,7 @@ def hamerly_step(block, packed: np.ndarray, prev, motion: dict, tiles: Tiles):
         moved += int(np.count_nonzero(lab != labels[rows]))  # skipped rows cannot move
         labels[rows] = lab
         up, lo = np.empty(len(rows), np.float32), np.empty(len(rows), np.float32)
-        _kernels().bounds(norms[rows], d2, second, eps, cmax, _SLACK, up, lo)
+        _kernels().bounds(norms[rows], lab, d2, second, eps, cnorm, cmax, _SLACK, up, lo)
         upper[rows], lower[rows] = up, lo
     _kernels().accumulate(x, labels, sums)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
@@ -235,11 +238,16 @@ def _norms_py(x, slack, norms):  # pragma: no cover - numba
         norms[i] = np.sqrt(q) * (1 + slack)
 
 
-def _bounds_py(norms, d2, second, eps, cmax, slack, upper, lower):  # pragma: no cover - numba
+def _bounds_py(  # pragma: no cover - numba
+    norms, labels, d2, second, eps, cnorm, cmax, slack, upper, lower
+):
+    # A float squared distance to centre j is within eps (||x|| + ||c_j||)^2 of the true one;
+    # the second nearest's centre is unknown: the largest norm bounds it.
     for i in range(len(norms)):
-        err = 2.0 * eps * (norms[i] + cmax) ** 2
-        upper[i] = np.sqrt(float(d2[i]) + err) * (1 + slack)
-        lower[i] = np.sqrt(max(float(second[i]) - err, 0.0)) * (1 - slack)
+        own = eps * (norms[i] + cnorm[labels[i]]) ** 2
+        other = eps * (norms[i] + cmax) ** 2
+        upper[i] = np.sqrt(float(d2[i]) + own) * (1 + slack)
+        lower[i] = np.sqrt(max(float(second[i]) - other, 0.0)) * (1 - slack)
 
 
 def _scan_py(  # pragma: no cover - numba
@@ -253,12 +261,15 @@ def _scan_py(  # pragma: no cover - numba
     first,
     second,
     half_gap,
+    cnorm,
     cmax,
     eps,
     slack,
     c,
     todo,
 ):
+    # The plain pass picks the row's centre a over every other j when the true squared
+    # distances differ by more than the two float distances' rounding bounds.
     n, d = x.shape
     m = 0
     for i in range(n):
@@ -273,7 +284,7 @@ def _scan_py(  # pragma: no cover - numba
             todo[m] = i
             m += 1
             continue
-        err = 2.0 * eps * (norms[i] + cmax) ** 2
+        err = eps * (norms[i] + cmax) ** 2 + eps * (norms[i] + cnorm[a]) ** 2
         if (z - u) * (z + u) > err:
             continue
         # Tighten the upper bound to the exact distance to the row's centre.
