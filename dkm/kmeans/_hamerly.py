@@ -270,7 +270,7 @@ def _scan_py(  # pragma: no cover - numba
 ):
     # The plain pass picks the row's centre a over every other j when the true squared
     # distances differ by more than the two float distances' rounding bounds.
-    n, d = x.shape
+    n = x.shape[0]
     m = 0
     for i in range(n):
         a = labels[i]
@@ -288,17 +288,26 @@ def _scan_py(  # pragma: no cover - numba
         if (z - u) * (z + u) > err:
             continue
         # Tighten the upper bound to the exact distance to the row's centre.
-        e = 0.0
-        for f in range(d):
-            t = float(x[i, f]) - c[a, f]
-            e += t * t
-        u = np.sqrt(e) * (1 + slack)
+        u = np.sqrt(_exact_sq(x, i, c, a)) * (1 + slack)
         upper[i] = u
         if u < z and (z - u) * (z + u) > err:
             continue
         todo[m] = i
         m += 1
     return m
+
+
+def _exact_sq_py(x, i, c, a):  # pragma: no cover - numba
+    """Squared distance from row ``i`` to centre ``a``, in float64 (not the expanded form)."""
+    e = 0.0
+    for f in range(x.shape[1]):
+        t = float(x[i, f]) - c[a, f]
+        e += t * t
+    return e
+
+
+# The scans call this name; _build binds it to the compiled function first.
+_exact_sq = _exact_sq_py
 
 
 def _accumulate_py(x, labels, sums):  # pragma: no cover - numba
@@ -309,6 +318,12 @@ def _accumulate_py(x, labels, sums):  # pragma: no cover - numba
             sums[lab, f] += x[i, f]
 
 
-_kernels = LazyKernels(
-    lambda: jit_all(_norms_py, _bounds_py, _scan_py, _accumulate_py, _nearest_other_py)
-)
+def _build():
+    global _exact_sq
+    _exact_sq = jit_all(_exact_sq_py).exact_sq
+    return jit_all(
+        _norms_py, _bounds_py, _scan_py, _accumulate_py, _nearest_other_py, _exact_sq_py
+    )
+
+
+_kernels = LazyKernels(_build)

@@ -28,16 +28,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dkm._parallel.kernels import (
-    LazyKernels,
-    Tiles,
-    fused_pass,
-    jit_all,
-    lloyd_step,
-    load,
-    use_numba,
-)
-from dkm.kmeans._hamerly import _SLACK, _error_eps, _unpack_motion
+from dkm._parallel import kernels
+from dkm._parallel.kernels import LazyKernels, Tiles, fused_pass, jit_all
+from dkm.kmeans._hamerly import _SLACK, _error_eps, _exact_sq_py, _unpack_motion
 from dkm.kmeans._hamerly import _kernels as _hamerly_kernels
 
 # Rows handled at once: bounds the gathered copies of the rows each group computes.
@@ -98,9 +91,9 @@ def yinyang_step(block, packed: np.ndarray, prev, motion: np.ndarray, tiles: Til
         (``lower`` is ``(n, t)``) and the centres' group indices. ``n_computed`` counts the
         rows that computed any distance.
     """
-    if not use_numba(tiles):
-        return lloyd_step(block, packed, prev, tiles)  # see hamerly_step
-    x = load(block)
+    if not kernels.use_numba(tiles):
+        return kernels.lloyd_step(block, packed, prev, tiles)  # see hamerly_step
+    x = kernels.load(block)
     n, d = x.shape
     k = packed.shape[1]
     update = _unpack_motion(motion)
@@ -234,7 +227,7 @@ def _scan_py(  # pragma: no cover - numba
     x, labels, upper, lower, shift, gshift, groups, half_gap, c,
     eps, norms, cnorm, gmax, cmax, slack, todo, opened, own, floor,
 ):  # fmt: skip
-    n, d = x.shape
+    n = x.shape[0]
     t = lower.shape[1]
     m = 0
     for i in range(n):
@@ -253,10 +246,7 @@ def _scan_py(  # pragma: no cover - numba
         if shut or s * s - _b(eps, nx, cmax) > u * u + ba:
             continue
         # Tighten the upper bound to the exact distance to the row's centre.
-        e = 0.0
-        for f in range(d):
-            q = float(x[i, f]) - c[a, f]
-            e += q * q
+        e = _exact_sq(x, i, c, a)
         u = np.sqrt(e) * (1 + slack)
         upper[i] = u
         if s * s - _b(eps, nx, cmax) > u * u + ba:
@@ -373,12 +363,14 @@ def _set_full_py(  # pragma: no cover - numba
 # The kernels call these names; _build binds them to compiled functions first.
 _b = _b_py
 _all_shut = _all_shut_py
+_exact_sq = _exact_sq_py
 
 
 def _build():
-    global _b, _all_shut
+    global _b, _all_shut, _exact_sq
     helpers = jit_all(_b_py, _all_shut_py)
     _b, _all_shut = helpers.b, helpers.all_shut
+    _exact_sq = _hamerly_kernels().exact_sq
     return jit_all(_scan_py, _start_py, _merge_py, _finish_py, _set_full_py)
 
 
