@@ -186,7 +186,7 @@ def _assign_rows(x, rows, labels, upper, lower, groups, members, group_packed, p
         lab = np.empty(len(pos), dtype=np.int32)
         d2 = np.empty(len(pos), dtype=x.dtype)
         second = np.empty(len(pos), dtype=x.dtype)
-        fused_pass(x[rows.index[pos]], group_packed[g], tiles, lab, d2=d2, second=second)
+        fused_pass(_take(x, rows.index[pos]), group_packed[g], tiles, lab, d2=d2, second=second)
         kern.merge(pos, rows.index, g, cols, lab, d2, second, *rounding, _SLACK, *race, lower)
     close = np.empty(m, dtype=np.int32)
     c = kern.finish(rows.index, labels, upper, lower, groups, rows.opened, rows.own,
@@ -198,6 +198,13 @@ def _assign_rows(x, rows, labels, upper, lower, groups, members, group_packed, p
         second = np.empty(c, dtype=x.dtype)
         fused_pass(x[full], packed, tiles, lab, d2=d2, second=second)
         kern.set_full(full, lab, d2, second, *rounding, _SLACK, labels, upper, lower)
+
+
+def _take(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``x[index]``, without the copy when the rows are consecutive (a first pass)."""
+    if len(index) and index[-1] - index[0] == len(index) - 1:
+        return x[index[0] : index[0] + len(index)]
+    return x[index]
 
 
 class _Race(NamedTuple):
