@@ -244,8 +244,8 @@ def _bounds_py(  # pragma: no cover - numba
     # A float squared distance to centre j is within eps (||x|| + ||c_j||)^2 of the true one;
     # the second nearest's centre is unknown: the largest norm bounds it.
     for i in range(len(norms)):
-        own = eps * (norms[i] + cnorm[labels[i]]) ** 2
-        other = eps * (norms[i] + cmax) ** 2
+        own = _rounding(eps, norms[i], cnorm[labels[i]])
+        other = _rounding(eps, norms[i], cmax)
         upper[i] = np.sqrt(float(d2[i]) + own) * (1 + slack)
         lower[i] = np.sqrt(max(float(second[i]) - other, 0.0)) * (1 - slack)
 
@@ -284,7 +284,7 @@ def _scan_py(  # pragma: no cover - numba
             todo[m] = i
             m += 1
             continue
-        err = eps * (norms[i] + cmax) ** 2 + eps * (norms[i] + cnorm[a]) ** 2
+        err = _rounding(eps, norms[i], cmax) + _rounding(eps, norms[i], cnorm[a])
         if (z - u) * (z + u) > err:
             continue
         # Tighten the upper bound to the exact distance to the row's centre.
@@ -297,6 +297,12 @@ def _scan_py(  # pragma: no cover - numba
     return m
 
 
+def _rounding_py(eps, norm_x, norm_c):  # pragma: no cover - numba
+    """Bound on the rounding of a row's expanded float squared distance to a centre (``eps``
+    from :func:`_error_eps`, the row's norm and the centre's, or a larger one)."""
+    return eps * (float(norm_x) + norm_c) ** 2
+
+
 def _exact_sq_py(x, i, c, a):  # pragma: no cover - numba
     """Squared distance from row ``i`` to centre ``a``, in float64 (not the expanded form)."""
     e = 0.0
@@ -306,7 +312,8 @@ def _exact_sq_py(x, i, c, a):  # pragma: no cover - numba
     return e
 
 
-# The scans call this name; _build binds it to the compiled function first.
+# The kernels call these names; _build binds them to the compiled functions first.
+_rounding = _rounding_py
 _exact_sq = _exact_sq_py
 
 
@@ -319,11 +326,12 @@ def _accumulate_py(x, labels, sums):  # pragma: no cover - numba
 
 
 def _build():
-    global _exact_sq
-    _exact_sq = jit_all(_exact_sq_py).exact_sq
-    return jit_all(
-        _norms_py, _bounds_py, _scan_py, _accumulate_py, _nearest_other_py, _exact_sq_py
-    )
+    global _rounding, _exact_sq
+    helpers = jit_all(_rounding_py, _exact_sq_py)
+    _rounding, _exact_sq = helpers.rounding, helpers.exact_sq
+    kernels = jit_all(_norms_py, _bounds_py, _scan_py, _accumulate_py, _nearest_other_py)
+    kernels.rounding, kernels.exact_sq = _rounding, _exact_sq
+    return kernels
 
 
 _kernels = LazyKernels(_build)

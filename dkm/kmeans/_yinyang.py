@@ -30,7 +30,13 @@ import numpy as np
 
 from dkm._parallel import kernels
 from dkm._parallel.kernels import LazyKernels, Tiles, fused_pass, jit_all
-from dkm.kmeans._hamerly import _SLACK, _error_eps, _exact_sq_py, _unpack_motion
+from dkm.kmeans._hamerly import (
+    _SLACK,
+    _error_eps,
+    _exact_sq_py,
+    _rounding_py,
+    _unpack_motion,
+)
 from dkm.kmeans._hamerly import _kernels as _hamerly_kernels
 
 # Rows handled at once: bounds the gathered copies of the rows each group computes.
@@ -69,27 +75,12 @@ def group_centres(centers: np.ndarray, t: int) -> np.ndarray:
 def yinyang_step(block, packed: np.ndarray, prev, motion: np.ndarray, tiles: Tiles):
     """One pruned Lloyd step on a block with group bounds: labels, bounds, partial statistics.
 
-    Parameters
-    ----------
-    block : array or ZarrRows
-        The block's rows (centered).
-    packed : ndarray (d + 1, k)
-        :func:`dkm._parallel.kernels.pack_centers` of the current centres.
-    prev : tuple or None
-        This block's previous step. When it holds group bounds, they are moved by ``motion``
-        and updated in place; otherwise (None, or a plain or Hamerly step) every row is
-        computed, group by group, and the bounds are set up.
-    motion : ndarray
-        :func:`dkm.kmeans._hamerly.centre_motion` from the previous centres to these.
-    tiles : Tiles
-        Kernel tile sizes.
-
-    Returns
-    -------
-    (labels, (upper, lower, norms, groups), (sums, counts, n_moved, n_computed))
-        As :func:`dkm.kmeans._hamerly.hamerly_step`, with one lower bound per row and group
-        (``lower`` is ``(n, t)``) and the centres' group indices. ``n_computed`` counts the
-        rows that computed any distance.
+    Takes and returns what :func:`dkm.kmeans._hamerly.hamerly_step` does, with these bounds:
+    a previous step holding group bounds has them moved by ``motion`` and updated in place;
+    any other (None, or a plain or Hamerly step) has every row computed, group by group, and
+    the bounds set up. The state is ``(upper, lower, norms, groups)``: one lower bound per
+    row and group (``lower`` is ``(n, t)``) and the centres' group indices. ``n_computed``
+    counts the rows that computed any distance.
     """
     if not kernels.use_numba(tiles):
         return kernels.lloyd_step(block, packed, prev, tiles)  # see hamerly_step
@@ -103,7 +94,6 @@ def yinyang_step(block, packed: np.ndarray, prev, motion: np.ndarray, tiles: Til
     if fresh:
         groups = group_centres(centers, n_groups(k))
         t = int(groups.max()) + 1
-        before = None if prev is None else prev[0]
         labels = np.full(n, -1, dtype=np.int32)
         # inf: a group the short k-means left empty bounds nothing.
         upper, lower = np.empty(n, np.float32), np.full((n, t), np.inf, np.float32)
@@ -113,7 +103,6 @@ def yinyang_step(block, packed: np.ndarray, prev, motion: np.ndarray, tiles: Til
         labels = prev[0]
         upper, lower, norms, groups = prev[1]
         t = lower.shape[1]
-        before = labels.copy()  # updated in place below
     gmax = np.zeros(t)
     np.maximum.at(gmax, groups, cnorm)
     rounding = _Rounding(_error_eps(x.dtype, d), norms, cnorm, gmax, float(cnorm.max()))
@@ -134,15 +123,17 @@ def yinyang_step(block, packed: np.ndarray, prev, motion: np.ndarray, tiles: Til
         )  # fmt: skip
     members = [np.flatnonzero(groups == g).astype(np.int32) for g in range(t)]
     group_packed = [np.ascontiguousarray(packed[:, cols]) for cols in members]
+    moved = 0  # skipped rows cannot move
     for a in range(0, m, _CHUNK_ROWS):
         b = min(m, a + _CHUNK_ROWS)
         rows = _Rows(todo[a:b], opened[a:b], own[a:b], floor[a:b])
-        _assign_rows(x, rows, labels, upper, lower, groups, members, group_packed, packed,
-                     rounding, tiles)  # fmt: skip
+        moved += _assign_rows(x, rows, labels, upper, lower, groups, members, group_packed,
+                              packed, rounding, tiles)  # fmt: skip
     sums = np.zeros((k, d), dtype=np.float64)
     _hamerly_kernels().accumulate(x, labels, sums)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
-    moved = n if before is None else int(np.count_nonzero(labels != before))
+    if fresh:  # no labels to move from, or a plain or Hamerly step's
+        moved = n if prev is None else int(np.count_nonzero(labels != prev[0]))
     return labels, (upper, lower, norms, groups), (sums, counts, moved, m)
 
 
@@ -173,7 +164,8 @@ class _Rows(NamedTuple):
 
 def _assign_rows(x, rows, labels, upper, lower, groups, members, group_packed, packed,
                  rounding, tiles):  # fmt: skip
-    """Nearest centre of ``rows`` from their opened groups; rows in a close race in full."""
+    """Nearest centre of ``rows`` from their opened groups; rows in a close race in full.
+    Returns how many rows changed centre."""
     kern = _kernels()
     m = len(rows.index)
     race = _Race(np.empty(m), np.empty(m), np.empty(m, np.int32), np.empty(m, np.int32),
@@ -189,15 +181,16 @@ def _assign_rows(x, rows, labels, upper, lower, groups, members, group_packed, p
         fused_pass(_take(x, rows.index[pos]), group_packed[g], tiles, lab, d2=d2, second=second)
         kern.merge(pos, rows.index, g, cols, lab, d2, second, *rounding, _SLACK, *race, lower)
     close = np.empty(m, dtype=np.int32)
-    c = kern.finish(rows.index, labels, upper, lower, groups, rows.opened, rows.own,
-                    rows.floor, *rounding, _SLACK, *race, close)  # fmt: skip
+    c, moved = kern.finish(rows.index, labels, upper, lower, groups, rows.opened, rows.own,
+                           rows.floor, *rounding, _SLACK, *race, close)  # fmt: skip
     if c:
         full = rows.index[close[:c]]
         lab = np.empty(c, dtype=np.int32)
         d2 = np.empty(c, dtype=x.dtype)
         second = np.empty(c, dtype=x.dtype)
         fused_pass(x[full], packed, tiles, lab, d2=d2, second=second)
-        kern.set_full(full, lab, d2, second, *rounding, _SLACK, labels, upper, lower)
+        moved += kern.set_full(full, lab, d2, second, *rounding, _SLACK, labels, upper, lower)
+    return moved
 
 
 def _take(x: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -226,10 +219,6 @@ class _Race(NamedTuple):
 # the nearest wins when that "rest" exceeds its own upper bound + its b_j*.
 
 
-def _b_py(eps, nx, c):  # pragma: no cover - numba
-    return eps * (nx + c) ** 2
-
-
 def _scan_py(  # pragma: no cover - numba
     x, labels, upper, lower, shift, gshift, groups, half_gap, c,
     eps, norms, cnorm, gmax, cmax, slack, todo, opened, own, floor,
@@ -240,28 +229,28 @@ def _scan_py(  # pragma: no cover - numba
     for i in range(n):
         a = labels[i]
         nx = float(norms[i])
-        ba = _b(eps, nx, cnorm[a])
+        ba = _rounding(eps, nx, cnorm[a])
         u = (float(upper[i]) + shift[a]) * (1 + slack)
         shut = True
         for g in range(t):
             lo = max(float(lower[i, g]) - gshift[g], 0.0) * (1 - slack)
             lower[i, g] = lo
             lo = float(lower[i, g])
-            shut = shut and lo * lo - _b(eps, nx, gmax[g]) > u * u + ba
+            shut = shut and lo * lo - _rounding(eps, nx, gmax[g]) > u * u + ba
         s = half_gap[a]
         upper[i] = u
-        if shut or s * s - _b(eps, nx, cmax) > u * u + ba:
+        if shut or s * s - _rounding(eps, nx, cmax) > u * u + ba:
             continue
         # Tighten the upper bound to the exact distance to the row's centre.
         e = _exact_sq(x, i, c, a)
         u = np.sqrt(e) * (1 + slack)
         upper[i] = u
-        if s * s - _b(eps, nx, cmax) > u * u + ba:
+        if s * s - _rounding(eps, nx, cmax) > u * u + ba:
             continue
         fl = np.inf
         for g in range(t):
             lo = float(lower[i, g])
-            margin = lo * lo - _b(eps, nx, gmax[g])
+            margin = lo * lo - _rounding(eps, nx, gmax[g])
             opened[m, g] = not margin > u * u + ba
             if not opened[m, g]:
                 fl = min(fl, margin)
@@ -292,7 +281,7 @@ def _start_py(  # pragma: no cover - numba
         best_g[p] = -1
         if a >= 0 and not opened[p, groups[a]]:
             best[p] = own[p]
-            best_err[p] = _b(eps, float(norms[rows[p]]), cnorm[a])
+            best_err[p] = _rounding(eps, float(norms[rows[p]]), cnorm[a])
             best_j[p] = a
         else:
             best[p] = np.inf
@@ -310,7 +299,7 @@ def _merge_py(  # pragma: no cover - numba
         nx = float(norms[i])
         v1, v2 = float(d2[q]), float(second[q])
         j = cols[lab[q]]
-        b1, bg = _b(eps, nx, cnorm[j]), _b(eps, nx, gmax[g])
+        b1, bg = _rounding(eps, nx, cnorm[j]), _rounding(eps, nx, gmax[g])
         # This group's bound: its nearest centre, unless that becomes the row's own.
         lower[i, g] = np.sqrt(max(v1 - bg, 0.0)) * (1 - slack)
         if v1 < best[p]:
@@ -328,7 +317,7 @@ def _finish_py(  # pragma: no cover - numba
     rows, labels, upper, lower, groups, opened, own, floor, eps, norms, cnorm, gmax, cmax,
     slack, best, best_err, best_j, best_g, best_second, rest, close,
 ):  # fmt: skip
-    c = 0
+    c = moved = 0
     for p in range(len(rows)):
         i = rows[p]
         exact = best_g[p] < 0  # the own centre, exactly, from a shut group
@@ -340,16 +329,17 @@ def _finish_py(  # pragma: no cover - numba
         a = labels[i]
         j = best_j[p]
         labels[i] = j
+        moved += a != j
         upper[i] = np.sqrt(top) * (1 + slack)
         if not exact:
             g = best_g[p]
-            bg = _b(eps, float(norms[i]), gmax[g])
+            bg = _rounding(eps, float(norms[i]), gmax[g])
             lower[i, g] = np.sqrt(max(best_second[p] - bg, 0.0)) * (1 - slack)
             if a >= 0 and a != j and not opened[p, groups[a]]:
                 # The old centre is now among its shut group's others.
                 ga = groups[a]
                 lower[i, ga] = min(float(lower[i, ga]), np.sqrt(own[p]) * (1 - slack))
-    return c
+    return c, moved
 
 
 def _set_full_py(  # pragma: no cover - numba
@@ -357,27 +347,29 @@ def _set_full_py(  # pragma: no cover - numba
 ):  # fmt: skip
     # Every other centre is at least the second nearest away: one bound for all groups.
     t = lower.shape[1]
+    moved = 0
     for q in range(len(full)):
         i = full[q]
-        b = _b(eps, float(norms[i]), cmax)
+        b = _rounding(eps, float(norms[i]), cmax)
+        moved += labels[i] != lab[q]
         labels[i] = lab[q]
         upper[i] = np.sqrt(float(d2[q]) + b) * (1 + slack)
         lo = np.sqrt(max(float(second[q]) - b, 0.0)) * (1 - slack)
         for g in range(t):
             lower[i, g] = lo
+    return moved
 
 
 # The kernels call these names; _build binds them to compiled functions first.
-_b = _b_py
+_rounding = _rounding_py
 _all_shut = _all_shut_py
 _exact_sq = _exact_sq_py
 
 
 def _build():
-    global _b, _all_shut, _exact_sq
-    helpers = jit_all(_b_py, _all_shut_py)
-    _b, _all_shut = helpers.b, helpers.all_shut
-    _exact_sq = _hamerly_kernels().exact_sq
+    global _rounding, _all_shut, _exact_sq
+    _all_shut = jit_all(_all_shut_py).all_shut
+    _rounding, _exact_sq = _hamerly_kernels().rounding, _hamerly_kernels().exact_sq
     return jit_all(_scan_py, _start_py, _merge_py, _finish_py, _set_full_py)
 
 
