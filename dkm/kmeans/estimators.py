@@ -804,6 +804,8 @@ default "k-means++"
                 "samples_per_second": res.n_steps * self.batch_size / max(fit_seconds, 1e-9),
                 "n_blocks": blocks.nblocks,
                 "backend": "distributed" if backend.is_distributed else "threads",
+                "n_rounds": res.n_rounds,
+                "sync_every": res.sync_every,
             },
         )
         if _uses_range(self.get_params(deep=False)):
