@@ -29,6 +29,6 @@ def test_task_stream_prefixes(client):
         KMeans(10, init="k-means||", max_iter=5, tol=0, random_state=0).fit(x)
         MiniBatchKMeans(10, batch_size=1024, max_iter=1, random_state=0).fit(x)
     prefixes = {key_split(t["key"]) for t in stream.data}
-    assert {"lloyd-assign", "kmeans||-round", "data-stats", "minibatch-batch"} <= prefixes, prefixes
+    assert {"lloyd-assign", "kmeans||-round", "data-stats", "minibatch-round"} <= prefixes, prefixes
     assert {"lloyd-reduce", "minibatch-final"} & prefixes, prefixes
     assert not any(p.startswith("dkm-") for p in prefixes), prefixes

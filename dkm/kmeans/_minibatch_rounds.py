@@ -145,11 +145,11 @@ def _merge_steps(state: MiniBatchState, job: _Job, here: _RankRows, exchange) ->
 
 
 def _minibatch_rank(
-    name: str, rank: int, n: int, timeout: float, job: _Job, state: MiniBatchState, *blocks
+    name: str, rank: int, workers: tuple, timeout: float, job: _Job, state: MiniBatchState, *blocks
 ):
     """Up to ``job.merges`` merges of steps on this rank's blocks. Returns ``(state,
     history)`` on rank 0 (every rank ends with the same state), None elsewhere."""
-    exchange = spmd.Exchange(name, rank, n, timeout)
+    exchange = spmd.Exchange(name, rank, workers, timeout)
     try:
         d = state.centers.shape[1]
         here = _RankRows(blocks, job.starts[rank], job.ends[rank], d, job.dtype)
