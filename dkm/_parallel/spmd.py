@@ -112,6 +112,7 @@ class Exchange:
         here = self.worker.address
         self.local = [f"{name}-{r}" for r, a in enumerate(workers) if a == here and r != rank]
         self.remote: dict[str, list[str]] = {}
+        self.comms: dict = {}  # a connection to each peer worker, made on the first send
         for r, a in enumerate(workers):
             if a != here:
                 self.remote.setdefault(a, []).append(f"{name}-{r}")
@@ -119,22 +120,25 @@ class Exchange:
     def _send(self, payload: bytes) -> None:
         for box in self.local:
             _mailbox(self.worker, box).put(payload)
-        if not self.remote:
-            return
-        import asyncio
+        if self.remote:
+            self._on_loop(self._send_remote, payload)
 
+    async def _send_remote(self, payload: bytes) -> None:
+        """One message per peer worker, on a connection kept for the round and without a
+        reply: the write returns once the bytes are on their way."""
+        from distributed.comm import connect
+
+        for addr, names in self.remote.items():
+            comm = self.comms.get(addr)
+            if comm is None:
+                comm = self.comms[addr] = await connect(addr, timeout=self.timeout)
+            await comm.write({"op": _HANDLER, "names": names, "payload": payload, "reply": False})
+
+    def _on_loop(self, fn, *args) -> None:
         from distributed.utils import sync
 
-        async def send_all():
-            await asyncio.gather(
-                *(
-                    self.worker.rpc(addr).dkm_allgather(names=names, payload=payload)
-                    for addr, names in self.remote.items()
-                )
-            )
-
         try:
-            sync(self.worker.loop, send_all, callback_timeout=self.timeout)
+            sync(self.worker.loop, fn, *args, callback_timeout=self.timeout)
         except Exception as err:  # the peer's worker is gone or not answering
             raise RoundFailed(f"rank {self.rank} could not reach a peer: {err}") from err
 
@@ -176,6 +180,16 @@ class Exchange:
 
     def close(self) -> None:
         _drop_mailbox(self.worker, f"{self.name}-{self.rank}")
+        if self.comms:
+
+            async def close_all():
+                for comm in self.comms.values():
+                    comm.abort()
+
+            try:
+                self._on_loop(close_all)
+            except RoundFailed:  # pragma: no cover - the worker is closing
+                pass
 
 
 @dataclass(frozen=True)
