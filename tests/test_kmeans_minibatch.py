@@ -215,11 +215,23 @@ def test_a_failed_round_leaves_the_fit_to_this_process(threaded_client, separate
     _assert_same_steps(_mb(x, "off", 0, **params), failing)
 
 
+@pytest.mark.slow
+def test_auto_merges_at_least_32_times_per_pass(client, separated):
+    """sync-rows "auto" on 64k rows: 2000 rows per merge (1/32 of the data, below 32768),
+    4 steps of 500; the sampling and the history still count steps of 500 rows."""
+    with dask.config.set({"dkm.minibatch.rounds": "auto", "dkm.minibatch.sync-rows": "auto"}):
+        km = MiniBatchKMeans(12, batch_size=500, max_iter=1, random_state=0).fit(separated)
+    assert km.history_.attrs["n_rounds"] > 0 and km.history_.attrs["sync_every"] == 4
+    assert km.n_steps_ == km.history_.sizes["iteration"] == len(separated) // 500
+    assert (km.history_["n_reassigned"].values[np.arange(km.n_steps_) % 4 != 3] == 0).all()
+
+
 @pytest.mark.parametrize(
     "setting, value, message",
     [
         ("dkm.minibatch.rounds", "sometimes", "dkm.minibatch.rounds must be one of"),
-        ("dkm.minibatch.sync-rows", -1, "dkm.minibatch.sync-rows must be a whole number"),
+        ("dkm.minibatch.sync-rows", -1, "dkm.minibatch.sync-rows must be .auto. or a whole"),
+        ("dkm.minibatch.sync-rows", "lots", "dkm.minibatch.sync-rows must be .auto. or a whole"),
     ],
 )
 def test_bad_round_settings_are_named(threaded_client, separated, setting, value, message):
