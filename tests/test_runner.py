@@ -291,7 +291,9 @@ def test_bad_job_file_exits_non_zero_with_its_problems(tmp_path):
 def test_unreachable_scheduler_fails_fast(tmp_path, closed_port):
     job = write_job(tmp_path)
     start = time.monotonic()
-    proc = dkm("run", job, "--scheduler", f"tcp://127.0.0.1:{closed_port}", timeout=120)
+    # A short dkm.scheduler.timeout: the 10 s default (and its message) is test_cli's.
+    fast = {**os.environ, "DASK_DKM__SCHEDULER__TIMEOUT": "2s"}
+    proc = dkm("run", job, "--scheduler", f"tcp://127.0.0.1:{closed_port}", timeout=120, env=fast)
     assert proc.returncode == 1
     assert "no Dask scheduler answered" in proc.stderr
     assert time.monotonic() - start < 60
@@ -333,7 +335,7 @@ def _mnist_patch_job(tmp_path: Path, **changes) -> dict:
         "features": {"kind": "patches", "size": 5, "stride": 5, "pad": 1},
         "data": {"dataset": "mnist-5k", "store": str(tmp_path / "mnist-5k.zarr")},
         "model__k": [16, 64],
-        "model__max_iter": 40,
+        "model__max_iter": 12,
         "model__init": "sample",
         "model__n_init": 3,
         "evaluate": ["inertia"],
@@ -404,7 +406,7 @@ def test_ctrl_c_stops_cleanly_and_the_job_resumes(tmp_path):
         tmp_path,
         output={"store": str(tmp_path / "int.zarr"), "checkpoint_every": 1},
         model__k=[16],
-        model__max_iter=15,
+        model__max_iter=8,
     )
     job = write_job(tmp_path, "int.yaml", **changes)
     store = ResultsStore(tmp_path / "int.zarr")
