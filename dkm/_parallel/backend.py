@@ -227,7 +227,12 @@ class DistributedBackend(Backend):
         if not workers:
             return []
         try:
-            used = self.client.run(kernels.warm_up, kernels.Tiles.from_config(), on_error="return")
+            used = self.client.run(
+                kernels.warm_up,
+                kernels.Tiles.from_config(),
+                kernels.malloc_settings(),
+                on_error="return",
+            )
         except Exception as err:  # pragma: no cover - a worker left mid-call
             log.debug("warm-up on the workers failed: %s", err)
             used = {}

