@@ -1,19 +1,16 @@
 """The notebooks run: each jupytext script in notebooks/ is executed as a notebook on small
 parameters (DKM_NOTEBOOK_SMALL=1), and its paired .ipynb holds the same code.
 
-The notebooks' jobs (``dkm.run_job``) run on one cluster of worker processes started for this
-module and given to them as ``$DKM_SCHEDULER``, instead of a LocalCluster started for each
-job: starting one is pinned by the ``dkm run`` tests, and digits_1000 starts its own from the
-kernel."""
+The notebooks' jobs (``dkm.run_job``) run on the session's cluster of worker processes, given
+to them as ``$DKM_SCHEDULER``, instead of a LocalCluster started for each job: starting one
+is pinned by the ``dkm run`` tests, and digits_1000 starts its own from the kernel."""
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import pytest
-from distributed import LocalCluster
 
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
@@ -34,26 +31,11 @@ def test_paired_notebook_holds_the_same_code(script):
     )
 
 
-@pytest.fixture(scope="module")
-def scheduler():
-    """The address of two single-threaded worker processes on 127.0.0.1 (the CI-sized
-    default), shared by the notebooks' jobs."""
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-    ) as cluster:
-        yield cluster.scheduler_address
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("script", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_on_small_parameters(script, scheduler, monkeypatch):
+def test_notebook_runs_on_small_parameters(script, process_cluster, monkeypatch):
     monkeypatch.setenv("DKM_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("DKM_SCHEDULER", scheduler)
+    monkeypatch.setenv("DKM_SCHEDULER", process_cluster.scheduler_address)
     notebook = jupytext.read(script)
     client = nbclient.NotebookClient(
         notebook,

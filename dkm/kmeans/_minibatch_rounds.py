@@ -34,9 +34,15 @@ import numpy as np
 from dkm import config
 from dkm._parallel import kernels, spmd
 from dkm._parallel.blocks import Blocks
-from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
-from dkm.kmeans.minibatch import MiniBatchState, jump, move_centers, new_history, starved
+from dkm.kmeans.minibatch import (
+    MiniBatchState,
+    StepRules,
+    jump,
+    move_centers,
+    new_history,
+    starved,
+)
 
 __all__ = ["MiniBatchRounds"]
 
@@ -55,10 +61,7 @@ class _Job:
     starts: tuple[np.ndarray, ...]  # global first row of each rank's blocks
     ends: tuple[np.ndarray, ...]  # and one past their last
     dtype: np.dtype
-    tiles: Tiles
-    reassignment_ratio: float
-    tol: float
-    max_no_improvement: int | None
+    rules: StepRules
 
 
 class _RankRows:
@@ -105,7 +108,7 @@ def _merge_steps(state: MiniBatchState, job: _Job, here: _RankRows, exchange) ->
     if ends[-1]:
         x = np.concatenate(parts) if steps > 1 else parts[0]
         packed = kernels.pack_centers(state.centers, job.dtype)
-        _, d2, sums, counts = kernels.assign_sums(x, packed, job.tiles)
+        _, d2, sums, counts = kernels.assign_sums(x, packed, job.rules.tiles)
         d2 = d2.astype(np.float64)
         for j, (lo, hi) in enumerate(zip(np.r_[0, ends[:-1]], ends, strict=True)):
             inertia[j] = float(d2[lo:hi].sum())
@@ -118,8 +121,8 @@ def _merge_steps(state: MiniBatchState, job: _Job, here: _RankRows, exchange) ->
     C, N = state.centers.copy(), state.counts.copy()
     move_centers(C, N, sums, counts)
     n_reassigned = 0
-    if reassign and job.reassignment_ratio > 0:
-        mask = starved(N, job.reassignment_ratio, B)
+    if reassign and job.rules.reassignment_ratio > 0:
+        mask = starved(N, job.rules.reassignment_ratio, B)
         n_reassigned = int(mask.sum())
         if n_reassigned:
             pick = batches[-1][state.rng.choice(B, size=n_reassigned, replace=False)]
@@ -136,9 +139,9 @@ def _merge_steps(state: MiniBatchState, job: _Job, here: _RankRows, exchange) ->
         mean = float(inertia[j]) / B
         hist["batch_inertia"].append(mean)
         hist["n_reassigned"].append(n_reassigned if j == steps - 1 else 0)
-        no_gain = state.watch(mean, job.max_no_improvement) or no_gain
+        no_gain = state.watch(mean, job.rules.max_no_improvement) or no_gain
         hist["ewa_inertia"].append(np.nan if state.ewa is None else state.ewa)
-    if state.step > 1 and job.tol > 0 and change / steps <= job.tol:
+    if state.step > 1 and job.rules.tol > 0 and change / steps <= job.rules.tol:
         state.stopped = "tol"
     elif state.step > 1 and no_gain:
         state.stopped = "no_improvement"
@@ -201,15 +204,7 @@ class MiniBatchRounds:
         return cls(blocks, ranks, max(1, sync_rows // batch_size))
 
     def run(
-        self,
-        state: MiniBatchState,
-        hist: dict,
-        reassignment_ratio: float,
-        tiles: Tiles,
-        keys: Keys,
-        *,
-        tol: float,
-        max_no_improvement: int | None,
+        self, state: MiniBatchState, hist: dict, rules: StepRules, keys: Keys
     ) -> MiniBatchState:
         """Rounds from ``state`` until the fit stops; returns the last merged state (that
         of a round that failed is the one before it). ``hist`` gets every step."""
@@ -225,10 +220,7 @@ class MiniBatchRounds:
                 tuple(starts[i] for i in ids),
                 tuple(ends[i] for i in ids),
                 b.dtype,
-                tiles,
-                reassignment_ratio,
-                tol,
-                max_no_improvement,
+                rules,
             )
             name = keys("minibatch", "round", r=self.count)
             t0 = time.perf_counter()

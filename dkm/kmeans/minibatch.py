@@ -190,6 +190,17 @@ def minibatch_step(
     return inertia, n_reassigned
 
 
+@dataclass(frozen=True)
+class StepRules:
+    """What every step of one fit follows, in this process or in rounds: the reassignment of
+    starved centres, the stopping rules (see :func:`minibatch`) and the kernels' tiles."""
+
+    reassignment_ratio: float
+    tol: float
+    max_no_improvement: int | None
+    tiles: Tiles
+
+
 def new_history() -> dict[str, list]:
     return {"batch_inertia": [], "ewa_inertia": [], "n_reassigned": []}
 
@@ -218,18 +229,17 @@ def minibatch(
     from dkm.kmeans._minibatch_rounds import MiniBatchRounds
 
     keys = keys or Keys.new()
-    tiles = Tiles.from_config()
+    rules = StepRules(reassignment_ratio, tol, max_no_improvement, Tiles.from_config())
     state = new_state(
         centers, blocks.n, batch_size=batch_size, max_iter=max_iter, seed=seed, prefetch=prefetch
     )
     hist = new_history()
     t0 = time.perf_counter()
-    rules = {"tol": tol, "max_no_improvement": max_no_improvement}
     rounds = MiniBatchRounds.maybe(blocks, batch_size)
     if rounds is not None:
-        state = rounds.run(state, hist, reassignment_ratio, tiles, keys, **rules)
+        state = rounds.run(state, hist, rules, keys)
     if state.stopped is None and state.step < state.n_steps:
-        _steps_here(blocks, state, hist, reassignment_ratio, tiles, keys, **rules)
+        _steps_here(blocks, state, hist, rules, keys)
     stopped = state.stopped or "max_iter"
     log.debug("mini-batch: %d steps in %.3f s (%s)", state.step, time.perf_counter() - t0, stopped)
     return MiniBatchResult(
@@ -245,15 +255,7 @@ def minibatch(
 
 
 def _steps_here(
-    blocks: Blocks,
-    state: MiniBatchState,
-    hist: dict,
-    reassignment_ratio: float,
-    tiles: Tiles,
-    keys: Keys,
-    *,
-    tol: float,
-    max_no_improvement: int | None,
+    blocks: Blocks, state: MiniBatchState, hist: dict, rules: StepRules, keys: Keys
 ) -> None:
     """The steps in this process, from ``state`` to the end of the fit."""
     k, dtype, batch_size = len(state.centers), blocks.dtype, state.batch_size
@@ -287,19 +289,19 @@ def _steps_here(
                 queue = [rows[i * batch_size : (i + 1) * batch_size] for i in range(m)]
             batch = queue.pop(0)
             reassign = state.reassign_now(k, batch_size)
-            C_old = state.centers.copy() if tol > 0 else None
+            C_old = state.centers.copy() if rules.tol > 0 else None
             inertia, n_re = minibatch_step(
-                batch, state.centers, state.counts, state.rng, reassign, reassignment_ratio,
-                dtype, tiles,
+                batch, state.centers, state.counts, state.rng, reassign,
+                rules.reassignment_ratio, dtype, rules.tiles,
             )  # fmt: skip
             inertia /= batch_size
             hist["batch_inertia"].append(inertia)
             hist["n_reassigned"].append(n_re)
-            no_gain = state.watch(inertia, max_no_improvement)
+            no_gain = state.watch(inertia, rules.max_no_improvement)
             hist["ewa_inertia"].append(np.nan if state.ewa is None else state.ewa)
             if state.step == 1:
                 continue
-            if C_old is not None and float(((state.centers - C_old) ** 2).sum()) <= tol:
+            if C_old is not None and float(((state.centers - C_old) ** 2).sum()) <= rules.tol:
                 state.stopped = "tol"
                 return
             if no_gain:
