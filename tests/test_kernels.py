@@ -32,6 +32,15 @@ def test_worker_processes_keep_temporaries_on_the_heap(client):
     assert all(f < 5_000 for f in faults.values()), faults  # 51,200 as new mappings
 
 
+@pytest.mark.slow
+def test_workers_too_small_for_numba_keep_dasks_malloc(client):
+    """Memory before speed where numba is not loaded either: the heap holds on to what new
+    mappings would have given back (a 300 MB worker was refused a fit it had room for)."""
+    lean = kernels.Tiles(numba_min_memory=2**50)  # above any worker's limit
+    done = client.run(kernels.warm_up, lean, kernels.malloc_settings())
+    assert not any(r["malloc_tuned"] for r in done.values()), done
+
+
 def test_left_alone_without_a_malloc_variable(monkeypatch):
     for key in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(key)

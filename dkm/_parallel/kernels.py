@@ -206,12 +206,10 @@ def warm_up(
     about 60 MB; Zarr adds about 10 MB and numba's compiled partial sums (LLVM), on workers
     that use them (see :func:`accumulator`), about 120 MB the first time they run.
     Measuring after loading them is what the blocks can count on. ``malloc``: the
-    thresholds of :func:`tune_malloc`, applied first. Returns ``{"rss": process bytes,
-    "managed": bytes of task results held, "malloc_tuned": bool}``.
+    thresholds of :func:`tune_malloc`, applied on workers that run numba. Returns
+    ``{"rss": process bytes, "managed": bytes of task results held, "malloc_tuned": bool}``.
     """
     import zarr  # noqa: F401 - loaded here so that its memory is counted
-
-    tuned = tune_malloc(*malloc) if malloc else False
 
     tiles = tiles or Tiles()
     managed, limit = 0, None
@@ -220,6 +218,9 @@ def warm_up(
         managed = int(getattr(state, "nbytes", 0) or 0)
         mm = getattr(dask_worker, "memory_manager", None)
         limit = float(getattr(mm, "memory_limit", None) or float("inf"))
+    # Workers too small for numba keep Dask's malloc too: memory before speed there (the
+    # heap holds on to what new mappings would have given back).
+    tuned = bool(malloc) and use_numba(tiles, limit) and tune_malloc(*malloc)
     acc = accumulator(tiles, limit)
     acc(np.zeros((1, 1), np.float32), np.zeros(1, np.int32), np.zeros((1, 1)))
     if use_numba(tiles, limit):  # the fused pass too, so that its compiler memory counts
