@@ -28,7 +28,7 @@ from pathlib import Path
 import dask
 import numpy as np
 from bench_faiss import initial_centres, parse_workloads
-from common import fmt_table, to_zarr
+from common import fmt_table, publish, run_header, to_zarr
 from sklearn.cluster import MiniBatchKMeans as SkMiniBatchKMeans
 
 import dkm
@@ -144,15 +144,11 @@ def main() -> None:
             "steps per merge",
         ],
     )
-    head = (
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores; "
+    head = run_header(
         f"batch {BATCH}, {args.epochs} epoch(s), median of {args.reps} fits; load average "
         f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
     )
-    print(head + "\n\n" + table)
-    if args.out:
-        Path(args.out).write_text(head + "\n\n" + table + "\n")
-
+    publish(head, table, args.out)
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_faiss import initial_centres, parse_workloads
-from common import fmt_table, to_zarr
+from common import fmt_table, publish, run_header, to_zarr
 
 import dkm
 
@@ -99,15 +99,11 @@ def main() -> None:
             "2 workers fit s",
         ],
     )
-    head = (
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+    head = run_header(
         f"load average {os.getloadavg()[0]:.2f} at the end; {args.iters} iterations, "
         f"median of {args.reps} fits"
     )
-    print(head + "\n\n" + table)
-    if args.out:
-        Path(args.out).write_text(head + "\n\n" + table + "\n")
-
+    publish(head, table, args.out)
 
 if __name__ == "__main__":
     main()

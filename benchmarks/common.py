@@ -21,6 +21,22 @@ def fmt_table(rows, cols, heads) -> str:
     return "\n".join(lines)
 
 
+def run_header(details: str) -> str:
+    """``Run <UTC time>, <cores> cores; <details>``: the first line of a benchmark's report."""
+    import os
+    import time
+
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return f"Run {stamp}, {os.cpu_count()} cores; {details}"
+
+
+def publish(head: str, table: str, out: str | None) -> None:
+    """Print the report and, with ``out``, also write it there."""
+    print(head + "\n\n" + table)
+    if out:
+        Path(out).write_text(head + "\n\n" + table + "\n")
+
+
 def to_zarr(X: np.ndarray, path: Path, nchunks: int = 4) -> Path:
     """``X`` as a ``features(sample, feature)`` Zarr store of ``nchunks`` chunks (kept)."""
     import xarray as xr
