@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 import dask
@@ -22,7 +23,7 @@ from distributed import Client, LocalCluster
 
 from dkm._parallel.backend import FitLostError, NoWorkersError, get_backend
 from dkm._parallel.blocks import as_source, load_blocks
-from dkm.kmeans.estimators import KMeans
+from dkm.kmeans.estimators import KMeans, MiniBatchKMeans
 
 pytestmark = pytest.mark.slow
 
@@ -183,6 +184,47 @@ def test_fit_recomputes_blocks_after_all_workers_die(client, store, kind, persis
     assert km.inertia_ == ref.inertia_
     np.testing.assert_array_equal(km.labels_.compute(), ref.labels_.compute())
     np.testing.assert_array_equal(km.history_["inertia"], ref.history_["inertia"])
+
+
+def _kill_one_worker_in(client, prefix: str, killed: list, part: str = "", wait: float = 60):
+    """SIGKILL the worker running a task whose key starts with ``prefix`` and holds
+    ``part``, once one runs."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and not killed:
+        for addr, keys in client.processing().items():
+            if any(str(k).startswith(prefix) and part in str(k) for k in keys):
+                os.kill(client.run(os.getpid, workers=[addr])[addr], signal.SIGKILL)
+                killed.append(addr)
+                return
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(180)
+def test_minibatch_rounds_go_on_in_the_client_after_a_worker_dies(client, store):
+    """A worker killed during a mini-batch round: the round is called off, the fit goes on
+    in the client's loop from the last merge, its lost blocks read again from the store, to
+    the same centres as a fit without rounds (merging every step, both make the same
+    updates)."""
+    params = {"batch_size": 2_000, "max_iter": 10, "max_no_improvement": None}
+    params |= {"random_state": 0, "reassignment_ratio": 0.0}
+    settings = {"dkm.minibatch.sync-rows": 0, "dkm.lloyd.round-seconds": "200ms"}
+    with dask.config.set({**settings, "dkm.minibatch.rounds": "off"}):
+        plain = MiniBatchKMeans(K, **params).fit(store)
+    killed: list = []
+    # In the third round or later: the fit goes on from a merged state, not from its start.
+    killer = threading.Thread(
+        target=_kill_one_worker_in, args=(client, "minibatch-round-", killed, "-r2-")
+    )
+    killer.start()
+    try:
+        with dask.config.set(settings):
+            km = MiniBatchKMeans(K, **params).fit(store)
+    finally:
+        killer.join()
+    assert killed
+    assert km.history_.attrs["n_rounds"] == 2 and km.n_steps_ == plain.n_steps_ == 600
+    np.testing.assert_allclose(km.cluster_centers_, plain.cluster_centers_, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(km.history_["batch_inertia"], plain.history_["batch_inertia"])
 
 
 @pytest.mark.timeout(120)
