@@ -27,9 +27,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
+import numpy as np
 from distributed import WorkerPlugin
 
-__all__ = ["Exchange", "Ranks", "RoundFailed", "combine_in_order", "plan_ranks", "run_round"]
+from dkm._parallel import kernels
+
+__all__ = [
+    "Exchange",
+    "Ranks",
+    "RoundFailed",
+    "allgather_rows",
+    "combine_in_order",
+    "plan_ranks",
+    "run_round",
+]
 
 
 class RoundFailed(RuntimeError):
@@ -190,6 +201,22 @@ class Exchange:
                 self._on_loop(close_all)
             except RoundFailed:  # pragma: no cover - the worker is closing
                 pass
+
+
+def allgather_rows(exchange: Exchange, held: Sequence[tuple], rows, d: int) -> np.ndarray:
+    """The global ``rows``, in their order as float64, on every rank: each rank sends the
+    ones its blocks hold (``held``: ``(block, first row, one past its last row)`` each)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    mine = []
+    for block, lo, hi in held:
+        pos = np.flatnonzero((rows >= lo) & (rows < hi))
+        if len(pos):
+            mine.append((pos, kernels.take_rows(block, rows[pos] - lo)))
+    out = np.empty((len(rows), d), dtype=np.float64)
+    for parts in exchange.allgather(mine):
+        for pos, part in parts:
+            out[pos] = part
+    return out
 
 
 @dataclass(frozen=True)

@@ -68,12 +68,14 @@ class _RankRows:
     """The rows of a batch that one rank's blocks hold."""
 
     def __init__(self, blocks: tuple, starts: np.ndarray, ends: np.ndarray, d: int, dtype):
-        self.blocks = [kernels.load(b) for b in blocks]
-        self.starts, self.ends, self.d, self.dtype = starts, ends, d, dtype
+        self.held = [
+            (kernels.load(b), lo, hi) for b, lo, hi in zip(blocks, starts, ends, strict=True)
+        ]
+        self.d, self.dtype = d, dtype
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         parts = []
-        for block, lo, hi in zip(self.blocks, self.starts, self.ends, strict=True):
+        for block, lo, hi in self.held:
             mine = idx[(idx >= lo) & (idx < hi)]
             if len(mine):
                 parts.append(np.take(block, mine - lo, axis=0))  # 3x block[...] here
@@ -81,20 +83,11 @@ class _RankRows:
             return np.empty((0, self.d), dtype=self.dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def these(self, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(positions in idx, rows)`` for the rows of ``idx`` held here."""
-        out = []
-        for block, lo, hi in zip(self.blocks, self.starts, self.ends, strict=True):
-            pos = np.flatnonzero((idx >= lo) & (idx < hi))
-            if len(pos):
-                out.append((pos, block[idx[pos] - lo].copy()))
-        return out
 
-
-def _merge_steps(state: MiniBatchState, job: _Job, here: _RankRows, exchange) -> dict:
+def _merge_steps(state: MiniBatchState, job: _Job, here: _RankRows, exchange, hist: dict) -> None:
     """Up to ``job.sync_every`` steps' rows held by this rank, assigned to the last merged
     centres, then one merge with the other ranks. Updates ``state`` (the same on every rank)
-    and returns the steps' history."""
+    and records the steps in ``hist``."""
     k, d = state.centers.shape
     steps = min(job.sync_every, state.n_steps - state.step)
     B = state.batch_size
@@ -126,26 +119,15 @@ def _merge_steps(state: MiniBatchState, job: _Job, here: _RankRows, exchange) ->
         n_reassigned = int(mask.sum())
         if n_reassigned:
             pick = batches[-1][state.rng.choice(B, size=n_reassigned, replace=False)]
-            rows = np.empty((n_reassigned, d), dtype=np.float64)
-            for held in exchange.allgather(here.these(pick)):
-                for pos, part in held:
-                    rows[pos] = part
-            jump(C, N, mask, rows)
+            jump(C, N, mask, spmd.allgather_rows(exchange, here.held, pick, d))
     change = float(((C - state.centers) ** 2).sum())
     state.centers, state.counts = C, N
-    hist = new_history()
     no_gain = False
     for j in range(steps):
+        n_re = n_reassigned if j == steps - 1 else 0
         mean = float(inertia[j]) / B
-        hist["batch_inertia"].append(mean)
-        hist["n_reassigned"].append(n_reassigned if j == steps - 1 else 0)
-        no_gain = state.watch(mean, job.rules.max_no_improvement) or no_gain
-        hist["ewa_inertia"].append(np.nan if state.ewa is None else state.ewa)
-    if state.step > 1 and job.rules.tol > 0 and change / steps <= job.rules.tol:
-        state.stopped = "tol"
-    elif state.step > 1 and no_gain:
-        state.stopped = "no_improvement"
-    return hist
+        no_gain = state.record(hist, mean, n_re, job.rules.max_no_improvement) or no_gain
+    state.settle(change, steps, no_gain, job.rules.tol)
 
 
 def _minibatch_rank(
@@ -161,8 +143,7 @@ def _minibatch_rank(
         for _ in range(job.merges):
             if state.stopped is not None or state.step >= state.n_steps:
                 break
-            for key, values in _merge_steps(state, job, here, exchange).items():
-                hist[key].extend(values)
+            _merge_steps(state, job, here, exchange, hist)
         return (state, hist) if rank == 0 else None
     finally:
         exchange.close()

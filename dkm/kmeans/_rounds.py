@@ -76,6 +76,10 @@ class _RankEmpty(_EmptyHandler):
         super().__init__(job.policy, job.seed, job.n, job.d, job.shift, job.value_range)
         self.job, self.exchange, self.blocks = job, exchange, blocks
         self.ids = job.blocks[rank]
+        bounds = np.append(job.starts, job.n)
+        self.held = [
+            (blk, bounds[b], bounds[b + 1]) for blk, b in zip(blocks, self.ids, strict=True)
+        ]
         self.steps: list = []  # this rank's blocks' last steps
         self.pruned, self.packed = False, None  # whether they hold bounds; their centres
 
@@ -95,19 +99,7 @@ class _RankEmpty(_EmptyHandler):
         return parts, int(self.pruned)
 
     def take(self, it: int, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        starts = self.job.starts
-        where = np.searchsorted(starts, rows, side="right") - 1
-        mine = []
-        for block, b in zip(self.blocks, self.ids, strict=True):
-            pos = np.flatnonzero(where == b)
-            if len(pos):
-                mine.append((pos, kernels.take_rows(block, rows[pos] - starts[b])))
-        out = np.empty((len(rows), self.d), dtype=np.float64)
-        for parts in self.exchange.allgather(mine):
-            for pos, part in parts:
-                out[pos] = part
-        return out
+        return spmd.allgather_rows(self.exchange, self.held, rows, self.d)
 
 
 def _lloyd_rank(name: str, rank: int, workers: tuple, timeout: float, job: _Job, prev, *blocks):

@@ -66,10 +66,13 @@ class Draws:
     def next_batch(self) -> np.ndarray:
         """One step's rows, from the group drawn last (drawing the next when it is used up)."""
         if not self.queue:
-            group = self.next_group()
-            b = self.batch_size
-            self.queue = [group[i * b : (i + 1) * b] for i in range(len(group) // b)]
+            self.queue = split_batches(self.next_group(), self.batch_size)
         return self.queue.pop(0)
+
+
+def split_batches(group: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """A group of batches (their indices or rows, concatenated), batch by batch."""
+    return np.split(group, len(group) // batch_size)
 
 
 @dataclass
@@ -113,6 +116,27 @@ class MiniBatchState:
         else:
             self.no_improve += 1
         return max_no_improvement is not None and self.no_improve >= max_no_improvement
+
+    def record(
+        self, hist: dict, inertia: float, n_reassigned: int, max_no_improvement: int | None
+    ) -> bool:
+        """One step in ``hist`` (see :func:`new_history`) and in the smoothed inertia
+        (:meth:`watch`, whose answer it returns)."""
+        hist["batch_inertia"].append(inertia)
+        hist["n_reassigned"].append(n_reassigned)
+        no_gain = self.watch(inertia, max_no_improvement)
+        hist["ewa_inertia"].append(np.nan if self.ewa is None else self.ewa)
+        return no_gain
+
+    def settle(self, change: float | None, steps: int, no_gain: bool, tol: float) -> None:
+        """After ``steps`` steps moved the centres by ``change`` (squared; None when not
+        measured), stop on ``tol`` (per step) or on no improvement; never after step 1."""
+        if self.step <= 1:
+            return
+        if tol > 0 and change is not None and change / steps <= tol:
+            self.stopped = "tol"
+        elif no_gain:
+            self.stopped = "no_improvement"
 
 
 def new_state(
@@ -264,7 +288,7 @@ def _steps_here(
     queue: list[np.ndarray] = []
     if draws.queue:
         rows = blocks.take(np.concatenate(draws.queue), keys("minibatch", "rest")).astype(dtype)
-        queue, draws.queue = np.split(rows, len(draws.queue)), []
+        queue, draws.queue = split_batches(rows, batch_size), []
     fetched = 0
 
     def fetch():
@@ -283,10 +307,8 @@ def _steps_here(
         coming = [fetch(), fetch()]
         while state.step < state.n_steps:
             if not queue:
-                rows = coming.pop(0)()
+                queue = split_batches(coming.pop(0)(), batch_size)
                 coming.append(fetch())
-                m = len(rows) // batch_size
-                queue = [rows[i * batch_size : (i + 1) * batch_size] for i in range(m)]
             batch = queue.pop(0)
             reassign = state.reassign_now(k, batch_size)
             C_old = state.centers.copy() if rules.tol > 0 else None
@@ -294,16 +316,8 @@ def _steps_here(
                 batch, state.centers, state.counts, state.rng, reassign,
                 rules.reassignment_ratio, dtype, rules.tiles,
             )  # fmt: skip
-            inertia /= batch_size
-            hist["batch_inertia"].append(inertia)
-            hist["n_reassigned"].append(n_re)
-            no_gain = state.watch(inertia, rules.max_no_improvement)
-            hist["ewa_inertia"].append(np.nan if state.ewa is None else state.ewa)
-            if state.step == 1:
-                continue
-            if C_old is not None and float(((state.centers - C_old) ** 2).sum()) <= rules.tol:
-                state.stopped = "tol"
-                return
-            if no_gain:
-                state.stopped = "no_improvement"
+            no_gain = state.record(hist, inertia / batch_size, n_re, rules.max_no_improvement)
+            change = None if C_old is None else float(((state.centers - C_old) ** 2).sum())
+            state.settle(change, 1, no_gain, rules.tol)
+            if state.stopped is not None:
                 return
