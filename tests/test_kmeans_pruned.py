@@ -98,6 +98,27 @@ def test_fused_step_equals_the_numpy_step_to_the_bit(n, d, k):
     np.testing.assert_allclose(fused[1], plain[1], rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("numba_min_memory", [0, 2**62])  # the fused pass; the numpy twin
+def test_lloyd_steps_keep_the_row_norms_and_get_the_bits_of_a_fresh_pass(numba_min_memory):
+    """A block's squared row norms are computed by its first step and handed on: the next
+    step's distances are those of a step that computed them afresh."""
+    rng = np.random.default_rng(5)
+    x = rng.random((1_000, 784), dtype=np.float32) - 0.5
+    tiles = Tiles(numba_min_memory=numba_min_memory)
+    first = kernels.pack_centers(x[:10].astype(np.float64), np.dtype(np.float32))
+    then = kernels.pack_centers(x[10:20].astype(np.float64), np.dtype(np.float32))
+    step = kernels.lloyd_step(x, first, None, tiles)
+    np.testing.assert_allclose(step[3], np.einsum("ij,ij->i", x, x), rtol=1e-5)
+    kept = kernels.lloyd_step(x, then, step, tiles)
+    assert kept[3] is step[3]
+    fresh = kernels.lloyd_step(x, then, None, tiles)
+    np.testing.assert_array_equal(kept[0], fresh[0])
+    np.testing.assert_array_equal(kept[1], fresh[1])
+    ref = _reference(x, x[10:20])
+    np.testing.assert_array_equal(kept[0], ref[0])
+    np.testing.assert_allclose(kept[1], ref[1], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("n_centres", [10, 40])  # rows x centres GEMM; centres x rows
 def test_a_rows_distances_do_not_depend_on_the_rows_beside_it(n_centres):
     """The pruned passes recompute a few gathered rows and must get the plain pass's bits.

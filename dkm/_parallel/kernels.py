@@ -63,8 +63,9 @@ class Tiles:
 # statistics pass hold a float64 copy of one x tile).
 ROW_WORK_BYTES = 64
 # Per row kept on the workers between tasks while a fit runs, whatever the block size: the
-# last two Lloyd passes' labels and squared distances (int32 + float32 each), or the pruned
-# Lloyd's labels, float32 upper bound and row norm and its lower bounds (updated in place):
+# last two Lloyd passes' labels and squared distances (int32 + float32 each) and the rows'
+# squared norms (float32, handed from pass to pass), or the pruned Lloyd's labels, float32
+# upper bound and row norm and its lower bounds (updated in place):
 # one for Hamerly's, one per group of centres for Yinyang's (at most 8: 44 bytes in all),
 # or the running minimum of k-means|| (float64, previous and current).
 ROW_STATE_BYTES = 44
@@ -290,6 +291,7 @@ def fused_pass(
     second: np.ndarray | None = None,
     sums: np.ndarray | None = None,
     counts: np.ndarray | None = None,
+    xsq: np.ndarray | None = None,
 ) -> None:
     """Nearest centroid of every row of ``x`` and what the models need of it, in one pass.
 
@@ -319,6 +321,10 @@ def fused_pass(
         k = 1): the pruned Lloyd's lower bound.
     sums, counts : ndarray (k, d) float64 and (k,) int64, optional
         The rows and their number are added per nearest centre.
+    xsq : ndarray (n,), optional
+        :func:`row_sqnorms` of ``x``, which ``d2`` and ``second`` add to the distances; computed
+        tile by tile when not given. A Lloyd fit keeps them per block between passes: over
+        784 pixels they were a tenth of the pass.
     """
     n, d = x.shape
     k = packed.shape[1]
@@ -331,8 +337,8 @@ def fused_pass(
     # digit), and the pruned passes recompute a few gathered rows that must get the bits
     # this pass gets for them among their neighbours.
     rows = FUSED_ROWS
-    # A few centres: one row-major GEMM (rows x centres), as numpy's twin has it, read by the
-    # compiled loop through its transpose (a few cache lines). Else centres x rows, in chunks.
+    # A few centres: one row-major GEMM (rows x centres), as numpy's twin has it, which the
+    # compiled loop reads row by row. Else centres x rows, in chunks, read centre by centre.
     row_major = k < FUSED_MIN_K
     chunk = k if row_major else int(max(1, min(k, tiles.tile_bytes // (rows * dtype.itemsize))))
     neg2c, csq = packed[:-1].T, np.ascontiguousarray(packed[-1])
@@ -342,6 +348,8 @@ def fused_pass(
     nxt = np.empty(rows if second is not None else 0, dtype=dtype)
     no_rows = np.empty(0, dtype=dtype)
     no_sums, no_counts = np.empty((0, d)), np.empty(0, dtype=np.int64)
+    norms = d2 is not None or second is not None
+    tile_sq = np.empty(rows if norms and xsq is None else 0, dtype=dtype)
     for s in range(0, n, rows):
         xt = x[s : s + rows]
         m = len(xt)
@@ -353,17 +361,21 @@ def fused_pass(
         for a in range(0, k, chunk):
             kk = min(chunk, k - a)
             if row_major:
-                dist = np.matmul(full, packed[:-1], out=buf[: rows * k].reshape(rows, k)).T
+                dist = np.matmul(full, packed[:-1], out=buf[: rows * k].reshape(rows, k))[:m]
             else:
                 dist = np.matmul(neg2c[a : a + kk], full.T, out=buf[: kk * rows].reshape(kk, rows))
-            if m < rows:
                 dist = dist[:, :m]
             last = a + kk == k
+            sq = no_rows
+            if last and norms:
+                sq = xsq[s : s + m] if xsq is not None else _row_sqnorms_into(xt, tile_sq[:m])
             fn(
                 dist,
+                row_major,
                 csq,
                 a,
                 xt,
+                sq,
                 lab,
                 best[:m],
                 nxt[:m] if second is not None else nxt,
@@ -374,8 +386,11 @@ def fused_pass(
             )
 
 
-def _fused_py(dist, csq, off, xt, lab, best, nxt, d2, second, sums, counts):  # pragma: no cover
-    kk, m = dist.shape
+def _fused_py(  # pragma: no cover - compiled by numba
+    dist, rowwise, csq, off, xt, xsq, lab, best, nxt, d2, second, sums, counts
+):
+    m = lab.shape[0]
+    kk = dist.shape[1] if rowwise else dist.shape[0]
     top2 = nxt.shape[0] > 0
     if off == 0:
         for i in range(m):
@@ -383,28 +398,50 @@ def _fused_py(dist, csq, off, xt, lab, best, nxt, d2, second, sums, counts):  # 
             lab[i] = 0
             if top2:
                 nxt[i] = np.inf
-    for j in range(kk):
-        c = csq[off + j]
-        row = dist[j]
-        if top2:
-            for i in range(m):
-                v = row[i] + c
-                if v < best[i]:
-                    nxt[i] = best[i]
-                    best[i] = v
-                    lab[i] = off + j
-                elif v < nxt[i]:
-                    nxt[i] = v
-        else:
-            for i in range(m):
-                v = row[i] + c
-                if v < best[i]:
-                    best[i] = v
-                    lab[i] = off + j
+    if rowwise:  # dist is (rows, centres): one row's centres at a time, from its cache line
+        for i in range(m):
+            b, lb = best[i], lab[i]
+            if top2:
+                nx = nxt[i]
+                for j in range(kk):
+                    v = dist[i, j] + csq[off + j]
+                    if v < b:
+                        nx = b
+                        b = v
+                        lb = off + j
+                    elif v < nx:
+                        nx = v
+                nxt[i] = nx
+            else:
+                for j in range(kk):
+                    v = dist[i, j] + csq[off + j]
+                    if v < b:
+                        b = v
+                        lb = off + j
+            best[i], lab[i] = b, lb
+    else:  # (centres, rows): a vectorised compare-and-select over the rows of each centre
+        for j in range(kk):
+            c = csq[off + j]
+            row = dist[j]
+            if top2:
+                for i in range(m):
+                    v = row[i] + c
+                    if v < best[i]:
+                        nxt[i] = best[i]
+                        best[i] = v
+                        lab[i] = off + j
+                    elif v < nxt[i]:
+                        nxt[i] = v
+            else:
+                for i in range(m):
+                    v = row[i] + c
+                    if v < best[i]:
+                        best[i] = v
+                        lab[i] = off + j
     d = xt.shape[1]
     if d2.shape[0] > 0 or second.shape[0] > 0:
         for i in range(m):
-            q = _sqnorm(xt[i])
+            q = xsq[i]
             if d2.shape[0] > 0:
                 d2[i] = max(best[i] + q, 0)
             if second.shape[0] > 0:
@@ -419,33 +456,52 @@ def _fused_py(dist, csq, off, xt, lab, best, nxt, d2, second, sums, counts):  # 
                 sums[lb, f] += xt[i, f]
 
 
-def _sqnorm_py(row):  # pragma: no cover - compiled by numba
-    q = row[0] * 0
-    for f in range(row.shape[0]):
-        q += row[f] * row[f]
-    return q
+def _sqnorms_py(x, out):  # pragma: no cover - compiled by numba
+    for i in range(x.shape[0]):
+        q = x[i, 0] * 0
+        for f in range(x.shape[1]):
+            q += x[i, f] * x[i, f]
+        out[i] = q
 
 
-# The tile loop calls this name; _fused_kernels binds it to the compiled norm first.
-_sqnorm = _sqnorm_py
 _FUSED = None
+_SQNORMS = None
 
 
 def _fused_kernels():
     """The compiled tile loop of :func:`fused_pass`.
 
-    No fast-math in the loop: the distance adds and compares must be exactly numpy's. The
-    row norm (only in the squared distances) may reassociate its sum: a single running sum
-    is a chain of dependent adds that took half of a k = 10 pass over 784 pixels (22 of
-    45 ms per 35,000 rows; 3.4 ms vectorised, einsum 5 ms).
+    No fast-math in the loop: the distance adds and compares must be exactly numpy's.
     """
-    global _FUSED, _sqnorm
+    global _FUSED
     if _FUSED is None:
         import numba
 
-        _sqnorm = numba.njit(fastmath={"reassoc"}, nogil=True, cache=True)(_sqnorm_py)
         _FUSED = numba.njit(nogil=True, cache=True)(_fused_py)
     return _FUSED
+
+
+def _row_sqnorms_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[i] = ||x[i]||^2`` with the one compiled loop every pass uses, so that a row's
+    norm has the same bits whichever pass and tile computed it. The sum may reassociate: a
+    single running sum is a chain of dependent adds that took half of a k = 10 pass over 784
+    pixels (22 of 45 ms per 35,000 rows; 3.4 ms vectorised, einsum 5 ms)."""
+    global _SQNORMS
+    if _SQNORMS is None:
+        import numba
+
+        _SQNORMS = numba.njit(fastmath={"reassoc"}, nogil=True, cache=True)(_sqnorms_py)
+    if len(x):
+        _SQNORMS(x, out)
+    return out
+
+
+def row_sqnorms(x: np.ndarray, tiles: Tiles) -> np.ndarray:
+    """Squared norm of every row of ``x``, in its dtype: what :func:`fused_pass` (where numba
+    runs) or :func:`assign_sums`'s numpy twin adds to the distances for ``d2``."""
+    if use_numba(tiles):
+        return _row_sqnorms_into(x, np.empty(len(x), dtype=x.dtype))
+    return np.einsum("ij,ij->i", x, x)
 
 
 class LazyKernels:
@@ -609,12 +665,13 @@ def _numba_accumulate():
 # --------------------------------------------------------------------------------------------
 
 
-def assign_sums(x: np.ndarray, packed: np.ndarray, tiles: Tiles):
+def assign_sums(x: np.ndarray, packed: np.ndarray, tiles: Tiles, xsq: np.ndarray | None = None):
     """Nearest centre, squared distance and per-cluster float64 sums and counts, in one pass.
 
     :func:`fused_pass` where numba runs (see :func:`accumulator`), its numpy twin (the GEMM,
     argmin and per-cluster sums tile by tile) elsewhere: the same labels and sums to the
-    last bit. Returns ``(labels int32, d2, sums (k, d), counts (k,) int64)``.
+    last bit. ``xsq``: :func:`row_sqnorms` of ``x`` if known. Returns ``(labels int32, d2,
+    sums (k, d), counts (k,) int64)``.
     """
     k = packed.shape[1]
     n, d = x.shape
@@ -623,13 +680,14 @@ def assign_sums(x: np.ndarray, packed: np.ndarray, tiles: Tiles):
     sums = np.zeros((k, d), dtype=np.float64)
     if use_numba(tiles):
         counts = np.zeros(k, dtype=np.int64)
-        fused_pass(x, packed, tiles, labels, d2=d2, sums=sums, counts=counts)
+        fused_pass(x, packed, tiles, labels, d2=d2, sums=sums, counts=counts, xsq=xsq)
         return labels, d2, sums, counts
     acc = accumulator(tiles)
+    xsq = row_sqnorms(x, tiles) if xsq is None else xsq
     step = max(64, min(tiles.rows(k, x.itemsize), tiles.x_tile_bytes // max(1, d * x.itemsize)))
     for s, m, xt, dist, lab in nearest_tiles(x, packed, step):
         labels[s : s + m] = lab
-        d2[s : s + m] = np.maximum(dist[np.arange(m), lab] + np.einsum("ij,ij->i", xt, xt), 0)
+        d2[s : s + m] = np.maximum(dist[np.arange(m), lab] + xsq[s : s + m], 0)
         acc(xt, labels[s : s + m], sums)
     return labels, d2, sums, np.bincount(labels, minlength=k).astype(np.int64)
 
@@ -638,16 +696,19 @@ def lloyd_step(block, packed: np.ndarray, prev, tiles: Tiles):
     """E-step and partial M-step on one block, in one pass (:func:`assign_sums`).
 
     ``prev`` is this block's previous step (or None): its labels give the moved-points
-    count. Returns ``(labels, d2, stats)`` where ``stats = (sums (k, d) float64, counts (k,)
-    int64, n_moved, n_computed)``, ``n_computed`` the rows whose distances were computed
-    (all of them here; fewer in the pruned step). Labels and squared distances stay on the
-    worker: the next step counts moved points from the labels, and the "farthest"
-    empty-cluster policy picks its rows from the distances (:func:`farthest_from_step`)
-    instead of another distance pass.
+    count. Returns ``(labels, d2, stats, xsq)`` where ``stats = (sums (k, d) float64, counts
+    (k,) int64, n_moved, n_computed)``, ``n_computed`` the rows whose distances were
+    computed (all of them here; fewer in the pruned step), and ``xsq`` the rows' squared
+    norms (:func:`row_sqnorms`), taken from ``prev`` when it has them. Labels and squared
+    distances stay on the worker: the next step counts moved points from the labels, and the
+    "farthest" empty-cluster policy picks its rows from the distances
+    (:func:`farthest_from_step`) instead of another distance pass.
     """
-    labels, d2, sums, counts = assign_sums(load(block), packed, tiles)
+    x = load(block)
+    xsq = prev[3] if prev is not None and len(prev) == 4 else row_sqnorms(x, tiles)
+    labels, d2, sums, counts = assign_sums(x, packed, tiles, xsq)
     moved = len(labels) if prev is None else int(np.count_nonzero(labels != prev[0]))
-    return labels, d2, (sums, counts, moved, len(labels))
+    return labels, d2, (sums, counts, moved, len(labels)), xsq
 
 
 def step_stats(step):
