@@ -117,6 +117,8 @@ def test_lloyd_steps_keep_the_row_norms_and_get_the_bits_of_a_fresh_pass(numba_m
     ref = _reference(x, x[10:20])
     np.testing.assert_array_equal(kept[0], ref[0])
     np.testing.assert_allclose(kept[1], ref[1], rtol=1e-5, atol=1e-4)
+    narrow = kernels.lloyd_step(x[:, :25], first[[*range(25), -1]], None, tiles)
+    assert narrow[3] is None  # 100-byte rows: computed in the pass, not kept
 
 
 @pytest.mark.parametrize("n_centres", [10, 40])  # rows x centres GEMM; centres x rows
