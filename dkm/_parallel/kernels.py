@@ -100,21 +100,28 @@ class ZarrRows:
         streamed block would need several chunk-sized buffers beside it. Here a task holds
         its block plus one decoded chunk (and, when the store's dtype differs from the
         working dtype, that chunk's rows once more before the cast). The mean is
-        subtracted piece by piece, in place.
+        subtracted piece by piece, in place. Plain local arrays are decoded by
+        :class:`dkm.data.chunks.DirectChunks`, without zarr's codec pipeline.
         """
         import zarr
         from zarr.core.buffer import default_buffer_prototype
+
+        from dkm.data.chunks import DirectChunks
 
         arr = zarr.open_group(self.store, mode="r")[self.variable]
         dtype = np.dtype(self.dtype)
         x = np.empty((self.stop - self.start, arr.shape[1]), dtype=dtype)
         step = max(1, int(arr.chunks[0]))
         same = np.dtype(arr.dtype) == dtype
+        direct = DirectChunks.of(arr) if same else None
+        scratch: list = []
         a = self.start
         while a < self.stop:
             b = min(self.stop, (a // step + 1) * step)
             piece = x[a - self.start : b - self.start]
-            if same:
+            if direct is not None and direct.read(a // step, a % step, piece, scratch):
+                pass
+            elif same:
                 out = default_buffer_prototype().nd_buffer.from_numpy_array(piece)
                 arr.get_basic_selection((slice(a, b), slice(None)), out=out)
             else:
