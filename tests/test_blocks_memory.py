@@ -11,6 +11,7 @@ worker memory and fits as if it were all persisted.
 from __future__ import annotations
 
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import dask
@@ -222,3 +223,22 @@ def test_streamed_data_keeps_what_fits_in_memory_and_fits_the_same(tmp_path):
         np.testing.assert_allclose(km.cluster_centers_, fits["auto"].cluster_centers_, rtol=1e-6)
         np.testing.assert_array_equal(labels[key], labels["auto"])
         assert km.inertia_ == pytest.approx(fits["auto"].inertia_, rel=1e-6)
+
+
+def test_the_state_reserved_per_row_is_the_models(tmp_path):
+    """Workers refused the worst case (Yinyang's bounds, 44 bytes per row) take a model that
+    keeps less, and a refusal counts the model's bytes."""
+    n = 4_000_000  # the store's metadata only: the rule reads no chunk
+    x = da.zeros((n, 2), dtype=np.float32, chunks=(65_536, 2))
+    path = tmp_path / "long.zarr"
+    xr.Dataset({"x": (("sample", "feature"), x)}).to_zarr(path, compute=False)
+    source = B.as_source(str(path))
+    # 70 MB free below the pause: 44 bytes per row of a worker's half are 88 MB, 16 are 32.
+    workers = [_worker("a", 100, 170 / 0.8), _worker("b", 100, 170 / 0.8)]
+    with pytest.raises(B.WorkerMemoryError, match=r"88 MB of labels .*\(44 bytes per row"):
+        B.block_limit(source, workers, from_zarr=True)
+    lean = replace(source, row_state=16)
+    assert B.block_limit(lean, workers, from_zarr=True)[0] >= B.MIN_BLOCK_ROWS * 2 * 4
+    few = [_worker("a", 100, 120 / 0.8), _worker("b", 100, 120 / 0.8)]  # 20 MB free
+    with pytest.raises(B.WorkerMemoryError, match=r"32 MB of labels .*\(16 bytes per row"):
+        B.block_limit(lean, few, from_zarr=True)

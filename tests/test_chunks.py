@@ -92,7 +92,7 @@ def test_a_damaged_chunk_is_refused_naming_it(tmp_path):
     raw = bytearray(chunk.read_bytes())
     raw[100] ^= 0xFF
     chunk.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="checksum do not match in chunk .*c/1/0"):
+    with pytest.raises(ValueError, match=r"checksum do not match in chunk .*c/1/0"):
         _rows(tmp_path / "s.zarr", 0, 2 * CHUNK)
 
 

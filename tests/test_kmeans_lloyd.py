@@ -316,3 +316,59 @@ def test_random_vector_resume_ends_where_the_full_fit_ends():
     assert resumed.inertia_ == full.inertia_ and resumed.n_iter_ == full.n_iter_
     for key in ("n_empty", "inertia", "center_shift"):
         np.testing.assert_array_equal(resumed.history_[key], full.history_[key])
+
+
+def _bytes_per_row(n: int, *steps) -> float:
+    """Bytes of the distinct arrays with a length-``n`` axis inside the given steps."""
+    seen: dict[int, int] = {}
+
+    def walk(obj):
+        if isinstance(obj, np.ndarray):
+            if n in obj.shape:
+                seen[id(obj)] = obj.nbytes
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                walk(item)
+
+    for step in steps:
+        walk(step)
+    return sum(seen.values()) / n
+
+
+@pytest.mark.parametrize("d", [25, 64])  # row norms computed in each pass; kept between them
+def test_row_state_bytes_is_what_the_steps_keep(d):
+    """The blocks plan reserves ``row_state_bytes`` per row: the most that two consecutive
+    steps of a block hold at once, whatever the passes (plain, pruned, back to plain)."""
+    from dkm._parallel import kernels
+    from dkm.kmeans import _hamerly
+    from dkm.kmeans._iteration import PRUNED_STEPS
+    from dkm.kmeans.lloyd import row_state_bytes
+
+    rng = np.random.default_rng(0)
+    n, k = 3001, 128
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    centres = [x[rng.choice(n, k, replace=False)].astype(np.float64) for _ in range(4)]
+    packed = [kernels.pack_centers(c, np.dtype(np.float32)) for c in centres]
+    tiles = kernels.Tiles()
+    first = kernels.lloyd_step(x, packed[0], None, tiles)
+    second = kernels.lloyd_step(x, packed[1], first, tiles)
+    plain = _bytes_per_row(n, first, second)
+    assert plain == row_state_bytes("lloyd", k, d, np.float32, False, 1)
+    assert row_state_bytes("lloyd", k, d, np.float32, False, 3) == plain + 4  # best labels
+    for name, step in PRUNED_STEPS.items():
+
+        def pruned(i, prev, name=name, step=step):
+            motion = _hamerly.motion_since(centres[i - 1], [prev], centres[i], name)
+            return step(x, packed[i], prev, motion, tiles)
+
+        setup = pruned(1, first)
+        moved = pruned(2, setup)
+        back = kernels.lloyd_step(x, packed[3], moved, tiles)
+        held = [
+            _bytes_per_row(n, *pair) for pair in ((first, setup), (setup, moved), (moved, back))
+        ]
+        assert max(held) == row_state_bytes(name, k, d, np.float32, False, 1), (name, held)
+    # "auto" reserves for the bounds it would use: Hamerly's below 512 centres.
+    assert row_state_bytes("auto", k, d, np.float32, False, 1) == row_state_bytes(
+        "hamerly", k, d, np.float32, False, 1
+    )

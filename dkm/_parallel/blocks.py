@@ -81,6 +81,10 @@ class Source:
     dtype: np.dtype
     store: str | None = None  # Zarr store path when read from one (enables streaming)
     variable: str | None = None
+    # Bytes per row the model keeps on the workers between tasks (see
+    # kernels.ROW_STATE_BYTES, the most any model keeps; a model that knows it keeps less
+    # says so, and its blocks may then be larger or its data persisted).
+    row_state: int = kernels.ROW_STATE_BYTES
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -282,7 +286,7 @@ def persist_limit(
 
     - reading: ``U + S + B + T * read``: the last blocks are read while the others are
       held, each read decoding a whole Zarr chunk beside its compressed bytes;
-    - fitting: ``U + copies * (S + B) + rows(S) * kernels.ROW_STATE_BYTES + T * work``:
+    - fitting: ``U + copies * (S + B) + rows(S) * source.row_state + T * work``:
       the centered blocks (``copies = 2`` when the raw blocks are kept for the next fit,
       see :class:`BlockCache`), the per-row state kept between tasks (labels, k-means||
       distances) and each task's per-row vectors and tiles (``kernels.ROW_WORK_BYTES``,
@@ -306,7 +310,7 @@ def persist_limit(
     block_rows = block_bytes // task.data_row
     work = block_rows * task.work_row + task.tiles
     # Bytes of the fit per byte of data: the blocks and their per-row state.
-    per_byte = copies + kernels.ROW_STATE_BYTES / task.data_row
+    per_byte = copies + source.row_state / task.data_row
     free = sum(max(0.0, pause * w.limit - w.unmanaged) for w in limited)
     best, why = fraction * free, f"persist-fraction {fraction:g} of their memory below pause"
     for w in limited:
@@ -396,7 +400,7 @@ def _hold_some(
     threads = sum(w.nthreads for w in workers) or 1
     n = source.shape[0]
     most = persist_limit(source, workers, largest)[0]
-    budget = most - threads * largest - n * kernels.ROW_STATE_BYTES
+    budget = most - threads * largest - n * source.row_state
     per_row = source.shape[1] * source.dtype.itemsize
     total = np.cumsum(sizes) * per_row
     count = int(np.searchsorted(total, budget, side="right"))
@@ -506,7 +510,7 @@ def block_limit(
 
     - what tasks can use before Dask pauses the worker: ``A = pause * L - U``, less the
       per-row state a fit keeps on it (labels, k-means|| distances:
-      ``kernels.ROW_STATE_BYTES`` per row of its share of the data);
+      ``source.row_state`` per row of its share of the data);
     - one task may take ``min(dkm.blocks.memory-fraction * L, A / 2) / T`` (the other half
       of ``A`` is slack for allocator fragmentation and the worker's own buffers): its
       block, and either one decoded source chunk while reading it or the kernels' per-row
@@ -533,7 +537,7 @@ def block_limit(
     best_rows, why = None, ""
     for w in limited:
         free = pause * w.limit - w.unmanaged
-        state = n * kernels.ROW_STATE_BYTES * w.nthreads / threads
+        state = n * source.row_state * w.nthreads / threads
         if from_zarr and w.nthreads * task.need(min_rows) + state > free:
             raise WorkerMemoryError(
                 _too_small_message(source, w, min_rows, task.need(min_rows), state, task, pause)
@@ -567,7 +571,7 @@ def _too_small_message(
         f"process already uses {w.unmanaged / 1e6:.0f} MB, and Dask pauses it at "
         f"{pause:.0%} of the limit; each of its {w.nthreads} thread(s) needs at least "
         f"{need / 1e6:.0f} MB for one block ({rows} rows, {task.what}), and the fit keeps "
-        f"{state / 1e6:.0f} MB of labels and distances on it ({kernels.ROW_STATE_BYTES} "
+        f"{state / 1e6:.0f} MB of labels and distances on it ({source.row_state} "
         f"bytes per row of its share of the data). Give the workers more memory "
         f"({MEMORY_SETTINGS}), or store the data in smaller Zarr chunks "
         "(dkm.store.feature-chunk-bytes for dkm's stores). Blocks are already sized below "

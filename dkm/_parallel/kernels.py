@@ -62,12 +62,11 @@ class Tiles:
 # about 56 bytes, rounded up. Per task: the distance and x tiles (the fused step and the
 # statistics pass hold a float64 copy of one x tile).
 ROW_WORK_BYTES = 64
-# Per row kept on the workers between tasks while a fit runs, whatever the block size: the
-# last two Lloyd passes' labels and squared distances (int32 + float32 each) and the rows'
-# squared norms (float32, handed from pass to pass), or the pruned Lloyd's labels, float32
-# upper bound and row norm and its lower bounds (updated in place):
-# one for Hamerly's, one per group of centres for Yinyang's (at most 8: 44 bytes in all),
-# or the running minimum of k-means|| (float64, previous and current).
+# Per row kept on the workers between tasks while a fit runs, whatever the block size, for
+# the models that do not state their own (``blocks.Source.row_state``): labels, distances,
+# bounds or the running minimum of k-means|| (float64, previous and current). A KMeans fit
+# states its own, by algorithm (:func:`dkm.kmeans.lloyd.row_state_bytes`: 16-28 bytes for
+# float32 rows, up to 56 for Yinyang's eight group bounds set up beside a plain pass's state).
 ROW_STATE_BYTES = 44
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,6 +39,7 @@ from dkm.kmeans.lloyd import (
     assign_pass,
     lloyd,
     objective,
+    row_state_bytes,
 )
 from dkm.kmeans.minibatch import minibatch
 
@@ -470,6 +471,8 @@ default "farthest"
             resume_from.check(n_init, {"centers": (self.n_clusters, d)})
         seeds = self._draw_seeds(n_init)
         kpar = isinstance(self.init, str) and self.init == "k-means||"
+        state = row_state_bytes(self.algorithm, self.n_clusters, d, src.dtype, kpar, n_init)
+        src = replace(src, row_state=state)
         backend = get_backend()
         t_load = time.perf_counter()
         blocks = load_blocks(src, backend, self.persist)

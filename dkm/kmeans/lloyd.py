@@ -27,7 +27,7 @@ from dkm._parallel import kernels
 from dkm._parallel.blocks import Blocks
 from dkm._parallel.kernels import Tiles
 from dkm._parallel.keys import Keys
-from dkm.kmeans import _hamerly
+from dkm.kmeans import _hamerly, _yinyang
 from dkm.kmeans._iteration import (
     HISTORY_KEYS,
     PRUNED_STEPS,
@@ -49,6 +49,7 @@ __all__ = [
     "assign_pass",
     "lloyd",
     "objective",
+    "row_state_bytes",
 ]
 
 log = logging.getLogger("dkm")
@@ -58,6 +59,40 @@ EMPTY_POLICIES = ("farthest", "random-point", "random-vector", "zero", "keep")
 # cannot move -- Hamerly's one bound per row ("hamerly") or one per group of centres
 # ("yinyang") -- or whichever is paying off ("auto"); all give the same labels and centres.
 ASSIGNMENTS = ("lloyd", "hamerly", "yinyang", "auto")
+
+
+def row_state_bytes(
+    assignment: str, k: int, d: int, dtype: np.dtype, kmeans_parallel: bool, n_init: int
+) -> int:
+    """Bytes per row a :class:`dkm.KMeans` fit keeps on the workers between tasks.
+
+    What the blocks plan reserves beside every row (``dkm._parallel.blocks.Source.row_state``;
+    the default there, :data:`dkm._parallel.kernels.ROW_STATE_BYTES`, is the most any
+    model keeps). The largest of the fit's phases:
+
+    - plain Lloyd: labels (int32) and squared distances (working dtype) of the last pass and
+      of the running one, and the rows' squared norms when they are kept
+      (:data:`~dkm._parallel.kernels.NORMS_KEPT_MIN_ROW_BYTES`);
+    - pruned passes (``assignment`` other than "lloyd"): the bounds, updated in place --
+      labels, float32 upper bound and row norm, one float32 lower bound for Hamerly's or
+      one per group of centres for Yinyang's -- beside the last plain pass's state while
+      the first pruned pass sets them up;
+    - k-means|| (``kmeans_parallel``): the running minimum distance, float64, previous and
+      current;
+
+    plus the best start's labels while the next of ``n_init`` starts runs.
+    """
+    size = np.dtype(dtype).itemsize
+    norms = size if d * size >= kernels.NORMS_KEPT_MIN_ROW_BYTES else 0
+    plain = 4 + size  # labels and squared distances of one pass
+    state = 2 * plain + norms
+    if assignment != "lloyd":
+        pruned = assignment if assignment != "auto" else _Chooser(assignment, k).pruned
+        bounds = 12 + 4 * (_yinyang.n_groups(k) if pruned == "yinyang" else 1)
+        state = max(state, plain + norms + bounds)
+    if kmeans_parallel:
+        state = max(state, 16)
+    return state + (4 if n_init > 1 else 0)
 
 
 @dataclass
