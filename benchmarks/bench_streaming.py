@@ -4,9 +4,8 @@ Writes a synthetic float32 matrix (uniform, so Lloyd keeps moving points for eve
 iteration) chunk by chunk with dask into a Zarr store, then fits ``KMeans`` with the same
 initial centres, ``tol=0`` and a fixed number of iterations:
 
-- **streamed, small**: 2 single-threaded workers with a small memory limit (default 500 MB
-  each: the store is twice the whole cluster's memory; 300 MB workers are refused these 8M
-  rows, whose planned per-row state alone is 176 MB per worker), data streamed from Zarr
+- **streamed, small**: 2 single-threaded workers with a small memory limit (default 300 MB
+  each: the store is several times the whole cluster's memory), data streamed from Zarr
   every iteration (chosen automatically), blocks sized from the memory limit;
 - **streamed, roomy**: the same on workers with a large limit (64 MiB blocks);
 - **in memory, roomy**: the data persisted on the workers once.
@@ -16,10 +15,10 @@ iteration (ns), total fit time, each worker's peak RSS (VmHWM, read with ``Clien
 and how many times a nanny restarted a worker for memory.
 
     python benchmarks/bench_streaming.py [--rows 8000000] [--features 64] [--k 16]
-        [--iters 5] [--small 500MB] [--roomy 6GB] [--out DIR]
+        [--iters 5] [--small 300MB] [--roomy 6GB] [--out DIR]
 
 Heavy imports stay inside ``main``: worker processes are spawned and import this script's
-top level again, which on a small worker must stay small.
+top level again, which on a 300 MB worker must stay small.
 """
 
 from __future__ import annotations
@@ -112,7 +111,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--chunk-rows", type=int, default=16_384, help="Zarr chunk rows")
-    parser.add_argument("--small", default="500MB", help="memory limit of the small workers")
+    parser.add_argument("--small", default="300MB", help="memory limit of the small workers")
     parser.add_argument("--roomy", default="6GB", help="memory limit of the roomy workers")
     parser.add_argument("--out", type=Path, default=None, help="work dir (default: temp dir)")
     args = parser.parse_args()
