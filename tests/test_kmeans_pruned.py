@@ -121,6 +121,24 @@ def test_lloyd_steps_keep_the_row_norms_and_get_the_bits_of_a_fresh_pass(numba_m
     assert narrow[3] is None  # 100-byte rows: computed in the pass, not kept
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [3, 25, 64, 784, 1001])
+def test_row_norms_computed_in_the_pass_or_before_have_the_same_bits(d, dtype):
+    """The squared distances a pass computes with the rows' norms it was given (kept by a
+    Lloyd fit) are those it computes alone, so pruned passes that recompute rows agree."""
+    rng = np.random.default_rng(d)
+    x = (rng.random((600, d)) - 0.5).astype(dtype)
+    packed = kernels.pack_centers(x[:40].astype(np.float64), np.dtype(dtype))
+    tiles = Tiles()
+    out = []
+    for xsq in (None, kernels.row_sqnorms(x, tiles)):
+        labels, d2, second = np.empty(600, np.int32), np.empty(600, dtype), np.empty(600, dtype)
+        kernels.fused_pass(x, packed, tiles, labels, d2=d2, second=second, xsq=xsq)
+        out.append((labels, d2, second))
+    for a, b in zip(*out, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("n_centres", [10, 40])  # rows x centres GEMM; centres x rows
 def test_a_rows_distances_do_not_depend_on_the_rows_beside_it(n_centres):
     """The pruned passes recompute a few gathered rows and must get the plain pass's bits.

@@ -328,16 +328,19 @@ def fused_pass(
     sums, counts : ndarray (k, d) float64 and (k,) int64, optional
         The rows and their number are added per nearest centre.
     xsq : ndarray (n,), optional
-        :func:`row_sqnorms` of ``x``, which ``d2`` and ``second`` add to the distances; computed
-        tile by tile when not given. A Lloyd fit keeps them per block between passes: over
+        :func:`row_sqnorms` of ``x``, which ``d2`` and ``second`` add to the distances;
+        computed first when not given. A Lloyd fit keeps them per block between passes: over
         784 pixels they were a tenth of the pass.
     """
     n, d = x.shape
     k = packed.shape[1]
     if n == 0:
         return
-    fn = _fused_kernels()
+    fn = _fused_kernels().tile
     dtype = np.result_type(x.dtype, packed.dtype)
+    if xsq is None and (d2 is not None or second is not None):
+        xsq = np.empty(n, dtype=x.dtype)
+        _fused_kernels().sqnorms(x, xsq)
     # Every GEMM is FUSED_ROWS rows high, the last tile padded: OpenBLAS computes a GEMM of a
     # few rows another way (784 features: a row's distances alone differed in the 5th
     # digit), and the pruned passes recompute a few gathered rows that must get the bits
@@ -354,8 +357,6 @@ def fused_pass(
     nxt = np.empty(rows if second is not None else 0, dtype=dtype)
     no_rows = np.empty(0, dtype=dtype)
     no_sums, no_counts = np.empty((0, d)), np.empty(0, dtype=np.int64)
-    norms = d2 is not None or second is not None
-    tile_sq = np.empty(rows if norms and xsq is None else 0, dtype=dtype)
     for s in range(0, n, rows):
         xt = x[s : s + rows]
         m = len(xt)
@@ -372,9 +373,7 @@ def fused_pass(
                 dist = np.matmul(neg2c[a : a + kk], full.T, out=buf[: kk * rows].reshape(kk, rows))
                 dist = dist[:, :m]
             last = a + kk == k
-            sq = no_rows
-            if last and norms:
-                sq = xsq[s : s + m] if xsq is not None else _row_sqnorms_into(xt, tile_sq[:m])
+            sq = xsq[s : s + m] if (last and xsq is not None) else no_rows
             fn(
                 dist,
                 row_major,
@@ -464,49 +463,44 @@ def _fused_py(  # pragma: no cover - compiled by numba
 
 def _sqnorms_py(x, out):  # pragma: no cover - compiled by numba
     for i in range(x.shape[0]):
-        q = x[i, 0] * 0
+        q = x[i, 0] * np.float32(0)  # in the rows' dtype: float32 * float32 stays float32
         for f in range(x.shape[1]):
             q += x[i, f] * x[i, f]
         out[i] = q
 
 
 _FUSED = None
-_SQNORMS = None
 
 
 def _fused_kernels():
-    """The compiled tile loop of :func:`fused_pass`.
+    """The compiled tile loop of :func:`fused_pass` and the row norms' loop.
 
-    No fast-math in the loop: the distance adds and compares must be exactly numpy's.
+    No fast-math in the tile loop: the distance adds and compares must be exactly numpy's.
+    The row norms (only in the squared distances) may reassociate their sums: a single
+    running sum is a chain of dependent adds that took half of a k = 10 pass over 784
+    pixels (22 of 45 ms per 35,000 rows; 3.4 ms vectorised). They are computed by this one
+    compiled loop only, never inlined in another, so a row's norm has the same bits
+    whichever pass needs it (inlined, the compiler vectorised the sum another way).
     """
     global _FUSED
     if _FUSED is None:
         import numba
 
-        _FUSED = numba.njit(nogil=True, cache=True)(_fused_py)
+        _FUSED = SimpleNamespace(
+            tile=numba.njit(nogil=True, cache=True)(_fused_py),
+            sqnorms=numba.njit(fastmath={"reassoc"}, nogil=True, cache=True)(_sqnorms_py),
+        )
     return _FUSED
-
-
-def _row_sqnorms_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``out[i] = ||x[i]||^2`` with the one compiled loop every pass uses, so that a row's
-    norm has the same bits whichever pass and tile computed it. The sum may reassociate: a
-    single running sum is a chain of dependent adds that took half of a k = 10 pass over 784
-    pixels (22 of 45 ms per 35,000 rows; 3.4 ms vectorised, einsum 5 ms)."""
-    global _SQNORMS
-    if _SQNORMS is None:
-        import numba
-
-        _SQNORMS = numba.njit(fastmath={"reassoc"}, nogil=True, cache=True)(_sqnorms_py)
-    if len(x):
-        _SQNORMS(x, out)
-    return out
 
 
 def row_sqnorms(x: np.ndarray, tiles: Tiles) -> np.ndarray:
     """Squared norm of every row of ``x``, in its dtype: what :func:`fused_pass` (where numba
     runs) or :func:`assign_sums`'s numpy twin adds to the distances for ``d2``."""
     if use_numba(tiles):
-        return _row_sqnorms_into(x, np.empty(len(x), dtype=x.dtype))
+        out = np.empty(len(x), dtype=x.dtype)
+        if len(x):
+            _fused_kernels().sqnorms(x, out)
+        return out
     return np.einsum("ij,ij->i", x, x)
 
 
