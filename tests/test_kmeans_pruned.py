@@ -127,12 +127,13 @@ def test_row_norms_computed_in_the_pass_or_before_have_the_same_bits(d, dtype):
     """The squared distances a pass computes with the rows' norms it was given (kept by a
     Lloyd fit) are those it computes alone, so pruned passes that recompute rows agree."""
     rng = np.random.default_rng(d)
-    x = (rng.random((600, d)) - 0.5).astype(dtype)
+    n = kernels.NORM_ROWS + 600 if d < 64 else 600  # norms of more than one call's rows
+    x = (rng.random((n, d)) - 0.5).astype(dtype)
     packed = kernels.pack_centers(x[:40].astype(np.float64), np.dtype(dtype))
     tiles = Tiles()
     out = []
     for xsq in (None, kernels.row_sqnorms(x, tiles)):
-        labels, d2, second = np.empty(600, np.int32), np.empty(600, dtype), np.empty(600, dtype)
+        labels, d2, second = np.empty(n, np.int32), np.empty(n, dtype), np.empty(n, dtype)
         kernels.fused_pass(x, packed, tiles, labels, d2=d2, second=second, xsq=xsq)
         out.append((labels, d2, second))
     for a, b in zip(*out, strict=True):
