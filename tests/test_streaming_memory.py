@@ -161,15 +161,16 @@ def test_a_block_that_cannot_fit_is_refused_before_the_fit(small_cluster, tmp_pa
 
 
 def test_a_refusal_counts_the_state_of_the_fits_algorithm(small_cluster, tmp_path):
-    """The per-row state a KMeans fit reserves is its algorithm's: plain Lloyd keeps labels
-    and distances of two passes (16 bytes per float32 row of 2 features), Yinyang's group
-    bounds 52 at k = 512 -- counted before any task runs (the store has no chunk written)."""
+    """The per-row state a KMeans fit reserves is its algorithm's: plain Lloyd keeps the
+    labels of two passes and the distances of one (12 bytes per float32 row of 2 features),
+    Yinyang's group bounds 52 at k = 512 -- counted before any task runs (the store has no
+    chunk written)."""
     x = da.zeros((30_000_000, 2), dtype=np.float32, chunks=(65_536, 2))
     path = tmp_path / "long.zarr"
     xr.Dataset({"x": (("sample", "feature"), x)}).to_zarr(path, compute=False)
     init = np.zeros((512, 2), np.float32)
     with Client(small_cluster):
-        for algorithm, per_row in (("lloyd", 16), ("yinyang", 52)):
+        for algorithm, per_row in (("lloyd", 12), ("yinyang", 52)):
             with pytest.raises(WorkerMemoryError, match=rf"\({per_row} bytes per row"):
                 KMeans(512, init=init, algorithm=algorithm, persist=False).fit(str(path))
 

@@ -65,7 +65,7 @@ ROW_WORK_BYTES = 64
 # Per row kept on the workers between tasks while a fit runs, whatever the block size, for
 # the models that do not state their own (``blocks.Source.row_state``): labels, distances,
 # bounds or the running minimum of k-means|| (float64, previous and current). A KMeans fit
-# states its own, by algorithm (:func:`dkm.kmeans.lloyd.row_state_bytes`: 16-28 bytes for
+# states its own, by algorithm (:func:`dkm.kmeans.lloyd.row_state_bytes`: 12-28 bytes for
 # float32 rows, up to 56 for Yinyang's eight group bounds set up beside a plain pass's state).
 ROW_STATE_BYTES = 44
 
@@ -684,18 +684,27 @@ def _numba_accumulate():
 NORMS_KEPT_MIN_ROW_BYTES = 256
 
 
-def assign_sums(x: np.ndarray, packed: np.ndarray, tiles: Tiles, xsq: np.ndarray | None = None):
+def assign_sums(
+    x: np.ndarray,
+    packed: np.ndarray,
+    tiles: Tiles,
+    xsq: np.ndarray | None = None,
+    d2: np.ndarray | None = None,
+):
     """Nearest centre, squared distance and per-cluster float64 sums and counts, in one pass.
 
     :func:`fused_pass` where numba runs (see :func:`accumulator`), its numpy twin (the GEMM,
     argmin and per-cluster sums tile by tile) elsewhere: the same labels and sums to the
-    last bit. ``xsq``: :func:`row_sqnorms` of ``x`` if known. Returns ``(labels int32, d2,
-    sums (k, d), counts (k,) int64)``.
+    last bit. ``xsq``: :func:`row_sqnorms` of ``x`` if known; ``d2``: an array to write the
+    squared distances into, else a new one. Returns ``(labels int32, d2, sums (k, d),
+    counts (k,) int64)``.
     """
     k = packed.shape[1]
     n, d = x.shape
     labels = np.empty(n, dtype=np.int32)
-    d2 = np.empty(n, dtype=np.result_type(x.dtype, packed.dtype))
+    dtype = np.result_type(x.dtype, packed.dtype)
+    if d2 is None or d2.shape != (n,) or d2.dtype != dtype:
+        d2 = np.empty(n, dtype=dtype)
     sums = np.zeros((k, d), dtype=np.float64)
     if use_numba(tiles):
         counts = np.zeros(k, dtype=np.int64)
@@ -728,7 +737,11 @@ def lloyd_step(block, packed: np.ndarray, prev, tiles: Tiles):
     xsq = prev[3] if prev is not None and len(prev) == 4 else None
     if xsq is None and x.shape[1] * x.itemsize >= NORMS_KEPT_MIN_ROW_BYTES:
         xsq = row_sqnorms(x, tiles)
-    labels, d2, sums, counts = assign_sums(x, packed, tiles, xsq)
+    # The previous plain pass's distances are read by nothing once this pass runs (the
+    # "farthest" policy reads the last pass's, before the next one starts): written over,
+    # they save a block-length array of the state a fit keeps.
+    reuse = prev[1] if prev is not None and len(prev) == 4 else None
+    labels, d2, sums, counts = assign_sums(x, packed, tiles, xsq, d2=reuse)
     moved = len(labels) if prev is None else int(np.count_nonzero(labels != prev[0]))
     return labels, d2, (sums, counts, moved, len(labels)), xsq
 

@@ -70,9 +70,9 @@ def row_state_bytes(
     the default there, :data:`dkm._parallel.kernels.ROW_STATE_BYTES`, is the most any
     model keeps). The largest of the fit's phases:
 
-    - plain Lloyd: labels (int32) and squared distances (working dtype) of the last pass and
-      of the running one, and the rows' squared norms when they are kept
-      (:data:`~dkm._parallel.kernels.NORMS_KEPT_MIN_ROW_BYTES`);
+    - plain Lloyd: labels (int32) of the last pass and of the running one, the squared
+      distances (working dtype; the running pass writes over the last one's) and the rows'
+      squared norms when they are kept (:data:`~dkm._parallel.kernels.NORMS_KEPT_MIN_ROW_BYTES`);
     - pruned passes (``assignment`` other than "lloyd"): the bounds, updated in place --
       labels, float32 upper bound and row norm, one float32 lower bound for Hamerly's or
       one per group of centres for Yinyang's -- beside the last plain pass's state while
@@ -85,7 +85,7 @@ def row_state_bytes(
     size = np.dtype(dtype).itemsize
     norms = size if d * size >= kernels.NORMS_KEPT_MIN_ROW_BYTES else 0
     plain = 4 + size  # labels and squared distances of one pass
-    state = 2 * plain + norms
+    state = plain + 4 + norms
     if assignment != "lloyd":
         pruned = assignment if assignment != "auto" else _Chooser(assignment, k).pruned
         bounds = 12 + 4 * (_yinyang.n_groups(k) if pruned == "yinyang" else 1)
