@@ -181,6 +181,27 @@ def test_threaded_fit_centers_its_copy_of_the_data_in_place(init):
     assert km.inertia_ == pytest.approx(ref.inertia_, rel=1e-3)
 
 
+def test_threaded_fit_reads_a_store_block_by_block(tmp_path):
+    """A store fitted in this process is read straight into one array per block (chunk by
+    chunk, as the workers read it): not dask's decoded chunks and a concatenation beside
+    them, which peaked near twice the data."""
+    x = np.random.default_rng(0).random((400_000, D), dtype=np.float32)
+    path = tmp_path / "x.zarr"
+    xr.Dataset({"x": (("sample", "feature"), x)}).chunk({"sample": 50_000}).to_zarr(path)
+    init = x[:K].copy()
+    with dask.config.set(scheduler="threads"):
+        KMeans(K, max_iter=1, random_state=0).fit(x[:2000])  # imports and compiles outside
+        tracemalloc.start()
+        try:
+            km = KMeans(K, init=init, max_iter=2, tol=0, algorithm="lloyd").fit(str(path))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 1.3 * x.nbytes, peak / x.nbytes
+    ref = KMeans(K, init=init, max_iter=2, tol=0, algorithm="lloyd").fit(x)
+    np.testing.assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
+
+
 # ------------------------------------------------------------------ streaming, partly held
 
 

@@ -617,7 +617,9 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
             )
             stream = True
             splits = _splits(source, backend, limit, stream)
-    from_zarr = source.store is not None and (stream or backend.is_distributed)
+    # A store is read block by block with ZarrRows, also into this process: one array per
+    # block filled chunk by chunk, not dask's chunks and their concatenation beside it.
+    from_zarr = source.store is not None
     arr = source.array
     if limit is not None and limit < config.get_bytes("blocks.target-bytes"):
         log.debug(
@@ -650,13 +652,14 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
             blocks = Blocks(backend, handles, starts, sizes, n, d, dtype, streamed=True)
             blocks.private, blocks.resident = True, resident
             return blocks
-        if not stream:
+        if not stream and not backend.is_distributed:
+            handles = backend.gather(backend.map(kernels.load, handles, name="data-load"))
+            private = True
+        elif not stream:
             handles = backend.load_spread(handles, sizes.tolist(), Keys.new())
             # Kept raw beside the centered blocks only when both fit below the pause.
             most = persist_limit(source, workers, largest, copies=2)[0] if workers else None
-            kept = backend.is_distributed and BLOCK_CACHE.store(
-                backend, source, splits, handles, workers, most
-            )
+            kept = BLOCK_CACHE.store(backend, source, splits, handles, workers, most)
             private = not kept
     elif isinstance(arr, np.ndarray):
         private = True
@@ -682,7 +685,6 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
         else:
             sched = "sync" if isinstance(backend, LocalBackend) and backend.nthreads == 1 else None
             handles = list(dask.compute(*aug, scheduler=sched or "threads"))
-            private = source.store is not None
     return Blocks(backend, handles, starts, sizes, n, d, dtype, streamed=stream, private=private)
 
 
