@@ -20,7 +20,7 @@ from distributed import Client, KilledWorker, LocalCluster
 
 from dkm._parallel.backend import describe_worker_loss, get_backend
 from dkm._parallel.blocks import WorkerMemoryError
-from dkm.kmeans.estimators import KMeans
+from dkm.kmeans.estimators import KMeans, MiniBatchKMeans
 
 pytestmark = pytest.mark.slow
 
@@ -173,6 +173,10 @@ def test_a_refusal_counts_the_state_of_the_fits_algorithm(small_cluster, tmp_pat
         for algorithm, per_row in (("lloyd", 12), ("yinyang", 52)):
             with pytest.raises(WorkerMemoryError, match=rf"\({per_row} bytes per row"):
                 KMeans(512, init=init, algorithm=algorithm, persist=False).fit(str(path))
+        # Mini-batch steps keep nothing per row: its final labels pass, or k-means||.
+        for start, per_row in ((init, 12), ("k-means||", 16)):
+            with pytest.raises(WorkerMemoryError, match=rf"\({per_row} bytes per row"):
+                MiniBatchKMeans(512, init=start, persist=False).fit(str(path))
 
 
 @pytest.mark.timeout(180)

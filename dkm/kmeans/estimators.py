@@ -763,6 +763,11 @@ default "k-means++"
         n, d = src.shape
         self._check_data(n, d)
         rs = check_random_state(self.random_state)
+        # The steps keep nothing per row; the labels pass at the end is a plain Lloyd pass
+        # (reserved as Lloyd's two: 4 bytes per row spare), k-means|| its running minimum.
+        kpar = isinstance(self.init, str) and self.init == "k-means||"
+        state = row_state_bytes("lloyd", self.n_clusters, d, src.dtype, kpar, 1)
+        src = replace(src, row_state=state)
         backend = get_backend()
         blocks = load_blocks(src, backend, self.persist)
         keys = Keys.new()
