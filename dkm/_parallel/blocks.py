@@ -584,13 +584,13 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
 
     On a cluster with worker memory limits the block size follows the smallest worker's
     memory (see :func:`block_limit`); blocks read from Zarr are checked before anything
-    runs. On a cluster, a Zarr store is read by :class:`~dkm._parallel.kernels.ZarrRows`
-    tasks whether it is streamed or persisted (one chunk at a time, and the workers never
-    import xarray or dask.array, ~150 MB each). Persisted blocks are spread over the workers
-    without worker restrictions, so that a fit whose workers are all replaced recomputes them
-    instead of waiting forever. Blocks persisted from a dkm store are kept in
-    :data:`BLOCK_CACHE` for the client's next fit on the same store (``from_cache`` is then
-    set on the returned blocks).
+    runs. A Zarr store is read by :class:`~dkm._parallel.kernels.ZarrRows` tasks whether it
+    is streamed or persisted, on a cluster or in this process (one chunk at a time into one
+    array per block; workers never import xarray or dask.array, ~150 MB each). Persisted
+    blocks are spread over the workers without worker restrictions, so that a fit whose
+    workers are all replaced recomputes them instead of waiting forever. Blocks persisted on
+    a cluster from a dkm store are kept in :data:`BLOCK_CACHE` for the client's next fit on
+    the same store (``from_cache`` is then set on the returned blocks).
     """
     n, d = source.shape
     dtype = source.dtype
@@ -617,8 +617,7 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
             )
             stream = True
             splits = _splits(source, backend, limit, stream)
-    # A store is read block by block with ZarrRows, also into this process: one array per
-    # block filled chunk by chunk, not dask's chunks and their concatenation beside it.
+    # Not dask's chunks of the store and their concatenation beside each block (see above).
     from_zarr = source.store is not None
     arr = source.array
     if limit is not None and limit < config.get_bytes("blocks.target-bytes"):
@@ -652,15 +651,15 @@ def load_blocks(source: Source, backend: Backend, persist: bool | str = "auto") 
             blocks = Blocks(backend, handles, starts, sizes, n, d, dtype, streamed=True)
             blocks.private, blocks.resident = True, resident
             return blocks
-        if not stream and not backend.is_distributed:
-            handles = backend.gather(backend.map(kernels.load, handles, name="data-load"))
-            private = True
-        elif not stream:
+        if not stream and backend.is_distributed:
             handles = backend.load_spread(handles, sizes.tolist(), Keys.new())
             # Kept raw beside the centered blocks only when both fit below the pause.
             most = persist_limit(source, workers, largest, copies=2)[0] if workers else None
             kept = BLOCK_CACHE.store(backend, source, splits, handles, workers, most)
             private = not kept
+        elif not stream:
+            handles = backend.gather(backend.map(kernels.load, handles, name="data-load"))
+            private = True
     elif isinstance(arr, np.ndarray):
         private = True
         parts = [kernels.as_block(arr[a:b], dtype) for a, b in splits]

@@ -734,14 +734,15 @@ def lloyd_step(block, packed: np.ndarray, prev, tiles: Tiles):
     (:func:`farthest_from_step`) instead of another distance pass.
     """
     x = load(block)
-    xsq = prev[3] if prev is not None and len(prev) == 4 else None
+    # A pruned step's state is not a plain step's: its bounds are not distances.
+    plain = prev if prev is not None and len(prev) == 4 else (None, None, None, None)
+    xsq = plain[3]
     if xsq is None and x.shape[1] * x.itemsize >= NORMS_KEPT_MIN_ROW_BYTES:
         xsq = row_sqnorms(x, tiles)
     # The previous plain pass's distances are read by nothing once this pass runs (the
     # "farthest" policy reads the last pass's, before the next one starts): written over,
     # they save a block-length array of the state a fit keeps.
-    reuse = prev[1] if prev is not None and len(prev) == 4 else None
-    labels, d2, sums, counts = assign_sums(x, packed, tiles, xsq, d2=reuse)
+    labels, d2, sums, counts = assign_sums(x, packed, tiles, xsq, d2=plain[1])
     moved = len(labels) if prev is None else int(np.count_nonzero(labels != prev[0]))
     return labels, d2, (sums, counts, moved, len(labels)), xsq
 
