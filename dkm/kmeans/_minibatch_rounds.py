@@ -131,11 +131,11 @@ def _merge_steps(state: MiniBatchState, job: _Job, here: _RankRows, exchange, hi
 
 
 def _minibatch_rank(
-    name: str, rank: int, workers: tuple, timeout: float, job: _Job, state: MiniBatchState, *blocks
+    name: str, rank: int, link: spmd.Link, timeout: float, job: _Job, state: MiniBatchState, *blocks
 ):
     """Up to ``job.merges`` merges of steps on this rank's blocks. Returns ``(state,
     history)`` on rank 0 (every rank ends with the same state), None elsewhere."""
-    exchange = spmd.Exchange(name, rank, workers, timeout)
+    exchange = spmd.Exchange(name, rank, link, timeout)
     try:
         d = state.centers.shape[1]
         here = _RankRows(blocks, job.starts[rank], job.ends[rank], d, job.dtype)

@@ -102,12 +102,12 @@ class _RankEmpty(_EmptyHandler):
         return spmd.allgather_rows(self.exchange, self.held, rows, self.d)
 
 
-def _lloyd_rank(name: str, rank: int, workers: tuple, timeout: float, job: _Job, prev, *blocks):
+def _lloyd_rank(name: str, rank: int, link: spmd.Link, timeout: float, job: _Job, prev, *blocks):
     """Iterations ``job.first`` .. ``job.stop - 1`` (or until a stopping rule) on this rank's
     blocks. Returns ``(steps, records)``: the blocks' last steps (kept on the worker for the
     next round) and, on rank 0, one ``[centres, record, stopped, inertia, raw]`` per
     iteration (``raw``, the last pass's assigned sums and counts, on the last one only)."""
-    exchange = spmd.Exchange(name, rank, workers, timeout)
+    exchange = spmd.Exchange(name, rank, link, timeout)
     try:
         steps = list(prev["round"][0]) if isinstance(prev, dict) else list(prev)
         handler = _RankEmpty(job, exchange, rank, blocks)

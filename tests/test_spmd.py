@@ -1,0 +1,84 @@
+"""The ranks' all-gather between real worker processes: direct connections and Dask's comm."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+
+from dkm._parallel import spmd
+from dkm._parallel.backend import get_backend
+
+pytestmark = pytest.mark.slow
+
+
+def _exchanges(name, rank, link, timeout, sizes):
+    """Every size's array from every rank, and how each peer worker was reached."""
+    exchange = spmd.Exchange(name, rank, link, timeout)
+    try:
+        got = []
+        for i, size in enumerate(sizes):
+            mine = np.full(size, 10 * rank + i, dtype=np.float64)
+            got.append([float(a.sum()) for a in exchange.allgather(mine)])
+        how = {addr: conn is not None for addr, conn in exchange.direct.items()}
+        return got, how, sorted(exchange.comms)
+    finally:
+        exchange.close()
+
+
+def _round(client, name, sizes):
+    be = get_backend(client)
+    workers = tuple(sorted(be.workers()))
+    ranks = spmd.Ranks(workers, tuple((i,) for i in range(len(workers))))
+    futures = spmd.run_round(be, ranks, _exchanges, lambda r: (sizes,), name, 30.0)
+    return workers, client.gather(futures)
+
+
+# Both ranks send 8 MB at once: more than the sockets' buffers, so a sender whose peer did
+# not drain its connection while it sends too would wait forever.
+SIZES = (1, 6656, 1, 2**20, 3)
+
+
+def _expected(sizes, n):
+    return [[float(size * (10 * r + i)) for r in range(n)] for i, size in enumerate(sizes)]
+
+
+def test_ranks_of_two_worker_processes_exchange_over_their_own_connections(client):
+    workers, results = _round(client, "spmd-direct", SIZES)
+    for rank, (got, how, comms) in enumerate(results):
+        assert got == _expected(SIZES, 2)
+        peer = workers[1 - rank]
+        assert how == {peer: True} and comms == []
+
+
+def test_with_round_sockets_off_they_go_through_dasks_comm(client):
+    with dask.config.set({"dkm.lloyd.round-sockets": False}):
+        workers, results = _round(client, "spmd-comm", SIZES)
+    for rank, (got, how, comms) in enumerate(results):
+        assert got == _expected(SIZES, 2)
+        assert how == {workers[1 - rank]: False} and comms == [workers[1 - rank]]
+
+
+def _unreachable_port(port, dask_worker=None):
+    """Make this worker name a port nothing listens on (as behind a firewall)."""
+    dask_worker.handlers[spmd._PORT_HANDLER] = lambda: ("127.0.0.1", port)
+
+
+def test_a_peer_whose_port_cannot_be_reached_is_sent_to_through_dasks_comm(
+    process_cluster, closed_port
+):
+    from distributed import Client
+
+    # A client of its own: its plugin registration reinstalls the handlers afterwards.
+    with Client(process_cluster) as c:
+        spmd._ensure_handlers(c)
+        workers = tuple(sorted(get_backend(c).workers()))
+        c.run(_unreachable_port, closed_port, workers=[workers[1]])
+        try:
+            _, results = _round(c, "spmd-fallback", SIZES)
+        finally:
+            c.run(spmd._install)
+    (got0, how0, comms0), (got1, how1, comms1) = results
+    assert got0 == got1 == _expected(SIZES, 2)
+    assert how0 == {workers[1]: False} and comms0 == [workers[1]]
+    assert how1 == {workers[0]: True} and comms1 == []
