@@ -115,7 +115,8 @@ class _Listener:
 
     def __init__(self, dask_worker, host: str):
         self.worker = dask_worker
-        self.server = socket.create_server((host, 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.server = socket.create_server((host, 0), family=family)
         self.address = self.server.getsockname()[:2]
         threading.Thread(target=self._accept, name="dkm-allgather", daemon=True).start()
 
@@ -158,7 +159,7 @@ class _Listener:
         self.server.close()
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+def _recv_exact(conn: socket.socket, n: int) -> bytearray | None:
     """``n`` bytes from ``conn``, or None when it closes first."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
@@ -170,7 +171,7 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
         if k == 0:
             return None
         got += k
-    return bytes(buf)
+    return buf
 
 
 class _AllgatherPlugin(WorkerPlugin):
