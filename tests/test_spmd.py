@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dask
 import numpy as np
 import pytest
@@ -82,3 +84,33 @@ def test_a_peer_whose_port_cannot_be_reached_is_sent_to_through_dasks_comm(
     assert got0 == got1 == _expected(SIZES, 2)
     assert how0 == {workers[1]: False} and comms0 == [workers[1]]
     assert how1 == {workers[0]: True} and comms1 == []
+
+
+def _silent_port(dask_worker=None):
+    """Make this worker take a minute to name its port (a stuck or vanishing peer)."""
+    import asyncio
+
+    async def port():
+        await asyncio.sleep(60)
+
+    dask_worker.handlers[spmd._PORT_HANDLER] = port
+
+
+def test_a_peer_that_does_not_name_its_port_fails_the_round_in_seconds(process_cluster):
+    """Not after Dask's 30 s connect timeout, nor the round's own timeout: the fit goes on
+    task by task sooner."""
+    from distributed import Client
+
+    with Client(process_cluster) as c:
+        spmd._ensure_handlers(c)
+        be = get_backend(c)
+        workers = tuple(sorted(be.workers()))
+        c.run(_silent_port, workers=[workers[1]])
+        ranks = spmd.Ranks(workers, ((0,), (1,)))
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(spmd.RoundFailed, match="could not reach a peer"):
+                spmd.run_round(be, ranks, _exchanges, lambda r: (SIZES,), "spmd-silent", 90.0)
+        finally:
+            c.run(spmd._install)
+        assert time.monotonic() - t0 < spmd.PORT_ASK_SECONDS + 15

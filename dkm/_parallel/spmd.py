@@ -100,6 +100,9 @@ def _install(dask_worker) -> None:
     dask_worker.handlers[_PORT_HANDLER] = port
 
 
+# Seconds a rank waits for a peer worker to name its port, and to connect to it.
+PORT_ASK_SECONDS = 10.0
+
 # A frame on a direct connection: the mailbox names' and the payload's byte counts.
 _FRAME = struct.Struct("<IQ")
 
@@ -270,12 +273,16 @@ class Exchange:
         conn = None
         if self.sockets:
             box: list = []
-            self._on_loop(self._ask_port, addr, box)
+            # A peer that cannot answer this within a few seconds is gone or stuck: the
+            # round fails now rather than after Dask's connect timeout (30 s).
+            self._on_loop(self._ask_port, addr, box, timeout=min(PORT_ASK_SECONDS, self.timeout))
             if box[0] is not None:
                 try:
                     # A port a firewall drops would hang to the round's timeout: a few seconds
                     # at most, then Dask's comm, which reaches that worker.
-                    conn = socket.create_connection(tuple(box[0]), timeout=min(5, self.timeout))
+                    conn = socket.create_connection(
+                        tuple(box[0]), timeout=min(PORT_ASK_SECONDS, self.timeout)
+                    )
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     conn.settimeout(self.timeout)
                 except OSError:
@@ -298,11 +305,11 @@ class Exchange:
             names = self.remote[addr]
             await comm.write({"op": _HANDLER, "names": names, "payload": payload, "reply": False})
 
-    def _on_loop(self, fn, *args) -> None:
+    def _on_loop(self, fn, *args, timeout: float | None = None) -> None:
         from distributed.utils import sync
 
         try:
-            sync(self.worker.loop, fn, *args, callback_timeout=self.timeout)
+            sync(self.worker.loop, fn, *args, callback_timeout=timeout or self.timeout)
         except Exception as err:  # the peer's worker is gone or not answering
             raise RoundFailed(f"rank {self.rank} could not reach a peer: {err}") from err
 
