@@ -315,11 +315,22 @@ class Exchange:
 
     def allgather(self, obj) -> list:
         """Every rank's ``obj``, indexed by rank (this rank's own is ``obj`` itself)."""
+        return self.collect(self.post(obj), obj)
+
+    def post(self, obj) -> int:
+        """Send ``obj`` to the other ranks; :meth:`collect` with the returned number gathers
+        theirs. Work done between the two overlaps the exchange."""
         seq = self.seq
         self.seq += 1
+        if self.n > 1:
+            self._send(pickle.dumps((self.rank, seq, obj), protocol=pickle.HIGHEST_PROTOCOL))
+        return seq
+
+    def collect(self, seq: int, obj) -> list:
+        """Every rank's message of exchange ``seq`` (:meth:`post`), indexed by rank; this
+        rank's own is ``obj``."""
         if self.n == 1:
             return [obj]
-        self._send(pickle.dumps((self.rank, seq, obj), protocol=pickle.HIGHEST_PROTOCOL))
         out: list = [None] * self.n
         out[self.rank] = obj
         missing = {r for r in range(self.n) if r != self.rank}

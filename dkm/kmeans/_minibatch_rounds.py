@@ -72,8 +72,19 @@ class _RankRows:
             (kernels.load(b), lo, hi) for b, lo, hi in zip(blocks, starts, ends, strict=True)
         ]
         self.d, self.dtype = d, dtype
+        self.ahead: tuple[np.ndarray, np.ndarray] | None = None  # a batch and its rows
+
+    def gather_ahead(self, draws) -> None:
+        """The rows of the next drawn batch, gathered now (while this rank waits for the
+        others' statistics) if it is drawn already; :meth:`rows` hands them over."""
+        self.ahead = None
+        if draws.queue:
+            nxt = draws.queue[0]
+            self.ahead = (nxt, self.rows(nxt))
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
+        if self.ahead is not None and self.ahead[0] is idx:
+            return self.ahead[1]
         parts = []
         for block, lo, hi in self.held:
             mine = idx[(idx >= lo) & (idx < hi)]
@@ -105,7 +116,10 @@ def _merge_steps(state: MiniBatchState, job: _Job, here: _RankRows, exchange, hi
         d2 = d2.astype(np.float64)
         for j, (lo, hi) in enumerate(zip(np.r_[0, ends[:-1]], ends, strict=True)):
             inertia[j] = float(d2[lo:hi].sum())
-    gathered = exchange.allgather((sums, counts, inertia))
+    mine = (sums, counts, inertia)
+    sent = exchange.post(mine)
+    here.gather_ahead(state.draws)
+    gathered = exchange.collect(sent, mine)
     sums, counts, inertia = (a.copy() for a in gathered[0])
     for s, c, i in gathered[1:]:  # in rank order: the same float sums on every rank
         sums += s
