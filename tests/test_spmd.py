@@ -114,3 +114,29 @@ def test_a_peer_that_does_not_name_its_port_fails_the_round_in_seconds(process_c
         finally:
             c.run(spmd._install)
         assert time.monotonic() - t0 < spmd.PORT_ASK_SECONDS + 15
+
+
+def test_frames_come_out_whole_however_the_bytes_arrive():
+    """A connection's bytes cut anywhere (one byte, mid-header, several frames at once)
+    give back each frame once, in order."""
+    rng = np.random.default_rng(0)
+    sent = [(["r-0"], b""), (["r-1", "r-2"], bytes(range(256)) * 40), (["r-3"], b"x" * 70_001)]
+    stream = b"".join(
+        spmd._FRAME.pack(len("\n".join(n).encode()), len(p)) + "\n".join(n).encode() + p
+        for n, p in sent * 3
+    )
+    frames, got, at = spmd._Frames(), [], 0
+    while at < len(stream):
+        space = frames.space()
+        k = min(len(space), int(rng.integers(1, 9000)), len(stream) - at)
+        space[:k] = stream[at : at + k]
+        space.release()
+        got += frames.add(k)
+        at += k
+    assert got == sent * 3
+    assert frames.have == 0
+    several = b"".join(spmd._FRAME.pack(3, 1) + b"r-%d" % i + b"%d" % i for i in range(3))
+    space = frames.space()
+    space[: len(several)] = several
+    space.release()
+    assert frames.add(len(several)) == [([f"r-{i}"], b"%d" % i) for i in range(3)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import pickle
 import queue
+import selectors
 import socket
 import struct
 import threading
@@ -111,17 +112,21 @@ class _Listener:
     """A worker's TCP server for the ranks' direct messages.
 
     Bound to the host of the worker's own ``tcp://`` address (127.0.0.1 on a local
-    cluster), on a port the system picks. A thread accepts connections and a thread per
-    connection files each frame's payload in the named mailboxes of this worker; both end
-    when the worker closes the server (plugin teardown) or the process exits.
+    cluster), on a port the system picks. One thread serves every connection through a
+    selector (a rank connects to every other worker of its round: a thread per connection
+    would be hundreds on a large cluster) and files each frame's payload in the named
+    mailboxes of this worker. It ends when the worker closes the server (plugin teardown)
+    or the process exits.
     """
 
     def __init__(self, dask_worker, host: str):
         self.worker = dask_worker
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.server = socket.create_server((host, 0), family=family)
+        self.server.setblocking(False)
         self.address = self.server.getsockname()[:2]
-        threading.Thread(target=self._accept, name="dkm-allgather", daemon=True).start()
+        self.closed = False
+        threading.Thread(target=self._serve, name="dkm-allgather", daemon=True).start()
 
     @classmethod
     def start(cls, dask_worker) -> _Listener | None:
@@ -136,45 +141,91 @@ class _Listener:
         except OSError:
             return None
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:  # closed
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.server, selectors.EVENT_READ)
+            while not self.closed:
+                try:  # the timeout only bounds how long a closed listener's thread lingers
+                    events = sel.select(timeout=1.0)
+                except (OSError, ValueError):  # the server closed under the selector
+                    break
+                for key, _ in events:
+                    if key.fileobj is self.server:
+                        self._accept(sel)
+                    elif not self._read(key.fileobj, key.data):
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()
 
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            while True:
-                head = _recv_exact(conn, _FRAME.size)
-                if head is None:
-                    return
-                n_names, n_payload = _FRAME.unpack(head)
-                names = _recv_exact(conn, n_names)
-                payload = _recv_exact(conn, n_payload)
-                if names is None or payload is None:
-                    return
-                for name in names.decode().split("\n"):
-                    _mailbox(self.worker, name).put(payload)
+    def _accept(self, sel) -> None:
+        try:
+            conn, _ = self.server.accept()
+        except OSError:  # closed, or the peer gave up
+            return
+        conn.setblocking(False)
+        sel.register(conn, selectors.EVENT_READ, _Frames())
+
+    def _read(self, conn: socket.socket, frames: _Frames) -> bool:
+        """Take what ``conn`` has and file its whole frames. False once the connection is
+        closed or broken."""
+        try:
+            got = conn.recv_into(frames.space())
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not got:
+            return False
+        for names, payload in frames.add(got):
+            for name in names:
+                _mailbox(self.worker, name).put(payload)
+        return True
 
     def close(self) -> None:
+        self.closed = True
         self.server.close()
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytearray | None:
-    """``n`` bytes from ``conn``, or None when it closes first."""
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        try:
-            k = conn.recv_into(view[got:])
-        except OSError:
-            return None
-        if k == 0:
-            return None
-        got += k
-    return buf
+class _Frames:
+    """What one connection has sent, read into one growing buffer, cut into frames."""
+
+    def __init__(self):
+        self.buf = bytearray(1 << 16)
+        self.have = 0
+
+    def space(self) -> memoryview:
+        """The free end of the buffer (grown to hold the frame being read)."""
+        need = _FRAME.size
+        if self.have >= _FRAME.size:
+            n_names, n_payload = _FRAME.unpack_from(self.buf)
+            need += n_names + n_payload
+        if len(self.buf) < max(need, self.have + 4096):
+            self.buf.extend(bytes(max(need, self.have + 4096) - len(self.buf)))
+        return memoryview(self.buf)[self.have :]
+
+    def add(self, got: int) -> list[tuple[list[str], bytes]]:
+        """The frames completed by ``got`` more bytes, as ``(mailbox names, payload)``."""
+        self.have += got
+        out, at = [], 0
+        view = memoryview(self.buf)
+        while self.have - at >= _FRAME.size:
+            n_names, n_payload = _FRAME.unpack_from(self.buf, at)
+            start = at + _FRAME.size
+            end = start + n_names + n_payload
+            if self.have < end:
+                break
+            names = bytes(view[start : start + n_names]).decode().split("\n")
+            out.append((names, bytes(view[start + n_names : end])))
+            at = end
+        if at:
+            rest = self.have - at
+            view.release()
+            self.buf[:rest] = self.buf[at : self.have]
+            self.have = rest
+        else:
+            view.release()
+        return out
 
 
 class _AllgatherPlugin(WorkerPlugin):
