@@ -90,11 +90,10 @@ def _install(dask_worker) -> None:
             _mailbox(dask_worker, name).put(payload)
 
     def port() -> tuple | None:
-        with _LOCK:
-            listener = dask_worker.__dict__.get("_dkm_listener")
-            if listener is None:
-                listener = _Listener.start(dask_worker)
-                dask_worker.__dict__["_dkm_listener"] = listener
+        with _LOCK:  # started once (None for good where the comm is not plain TCP)
+            if "_dkm_listener" not in dask_worker.__dict__:
+                dask_worker.__dict__["_dkm_listener"] = _Listener.start(dask_worker)
+            listener = dask_worker.__dict__["_dkm_listener"]
         return listener.address if listener else None
 
     dask_worker.handlers[_HANDLER] = receive
@@ -297,17 +296,18 @@ class Exchange:
         for r, a in enumerate(workers):
             if a != here:
                 self.remote.setdefault(a, []).append(f"{name}-{r}")
+        # The mailbox names of a direct frame to each peer worker, as sent.
+        self.boxes = {a: "\n".join(names).encode() for a, names in self.remote.items()}
 
     def _send(self, payload: bytes) -> None:
         for box in self.local:
             _mailbox(self.worker, box).put(payload)
         by_comm = []
-        for addr, names in self.remote.items():
+        for addr, boxes in self.boxes.items():
             conn = self._direct(addr)
             if conn is None:
                 by_comm.append(addr)
                 continue
-            boxes = "\n".join(names).encode()
             try:
                 conn.sendall(_FRAME.pack(len(boxes), len(payload)) + boxes)
                 conn.sendall(payload)
